@@ -1,0 +1,30 @@
+"""fastopt: fused, in-place optimizer steps for NumPy, with torch.optim's semantics.
+
+    import fastopt
+    opt = fastopt.AdamW({"w": w0, "b": b0}, lr=1e-3)   # copies the params into one arena
+    w, b = opt.params["w"], opt.params["b"]            # use these views in the model
+    ...write the gradients into opt.grads["w"], opt.grads["b"]...
+    opt.step()                                        # one fused C pass per param group
+
+`fastopt.functional` has the kernels as functions on 1-D arrays; `fastopt.reference` is the
+same API in pure NumPy.
+"""
+from fastopt import _core, functional
+from fastopt.functional import adam_, rmsprop_, sgd_
+from fastopt.optim import SGD, Adam, AdamW, Optimizer, RMSprop
+
+__version__ = "0.1.0"
+
+
+def build_info():
+    """What was built and what runs: version, kernel paths, and the path in use."""
+    return {
+        "version": __version__,
+        "isa": _core.get_isa(),
+        "isa_description": _core.isa_description(),
+        "available_isas": _core.available_isas(),
+    }
+
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Optimizer", "functional", "sgd_", "adam_",
+           "rmsprop_", "build_info"]

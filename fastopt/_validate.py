@@ -1,0 +1,155 @@
+"""Argument checks shared by every public entry point (both backends, functions and classes).
+
+Each check raises TypeError (wrong kind of object) or ValueError (right kind, bad value) with a
+message that starts with the argument's name, and returns the value normalized (a Python float,
+int or bool), so the callers can hand it straight to a kernel.  Nothing here mutates anything:
+callers run every check before they touch params or state.
+"""
+import math
+import numbers
+
+import numpy as np
+
+try:  # NumPy >= 2
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:  # pragma: no cover - NumPy 1.x
+    _byte_bounds = np.byte_bounds
+
+
+def real(name, x, *, lo=None, lo_open=False, hi=None, hi_open=False):
+    """A finite real number inside the given bounds, as a float."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x!r}")
+    if lo is not None and (x <= lo if lo_open else x < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {x!r}")
+    if hi is not None and (x >= hi if hi_open else x > hi):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {x!r}")
+    return x
+
+
+def flag(name, x):
+    """A bool (Python or NumPy); 0/1 and other truthy objects are refused as likely mistakes."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
+    return bool(x)
+
+
+def step(x, name="step"):
+    """The 1-based count of the step being taken."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+    x = int(x)
+    if x < 1:
+        raise ValueError(f"{name} must be >= 1 (the 1-based count of the step being taken), got {x}")
+    if x >= 2 ** 63:
+        raise ValueError(f"{name} must be < 2**63, got {x}")
+    return x
+
+
+def betas(x, name="betas"):
+    try:
+        b1, b2 = x
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {x!r}") from None
+    return (real(f"{name}[0]", b1, lo=0.0, hi=1.0, hi_open=True),
+            real(f"{name}[1]", b2, lo=0.0, hi=1.0, hi_open=True))
+
+
+# ---- hyperparameters of each family, in the order the range kernels take them ----
+
+def sgd_hparams(lr, momentum, dampening, weight_decay, nesterov, maximize, prefix=""):
+    lr = real(prefix + "lr", lr, lo=0.0)
+    momentum = real(prefix + "momentum", momentum, lo=0.0)
+    dampening = real(prefix + "dampening", dampening, lo=0.0, hi=1.0)
+    weight_decay = real(prefix + "weight_decay", weight_decay, lo=0.0)
+    nesterov = flag(prefix + "nesterov", nesterov)
+    maximize = flag(prefix + "maximize", maximize)
+    if nesterov and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError(f"{prefix}nesterov requires a momentum > 0 and zero dampening, got "
+                         f"momentum={momentum!r}, dampening={dampening!r}")
+    return lr, momentum, dampening, weight_decay, nesterov, maximize
+
+
+def adam_hparams(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, prefix=""):
+    lr = real(prefix + "lr", lr, lo=0.0)
+    beta1 = real(prefix + "beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
+    beta2 = real(prefix + "beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
+    eps = real(prefix + "eps", eps, lo=0.0, lo_open=True)
+    weight_decay = real(prefix + "weight_decay", weight_decay, lo=0.0)
+    decoupled = flag(prefix + "decoupled", decoupled)
+    amsgrad = flag(prefix + "amsgrad", amsgrad)
+    maximize = flag(prefix + "maximize", maximize)
+    return lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize
+
+
+def rmsprop_hparams(lr, alpha, eps, weight_decay, momentum, centered, maximize, prefix=""):
+    lr = real(prefix + "lr", lr, lo=0.0)
+    alpha = real(prefix + "alpha", alpha, lo=0.0, hi=1.0)
+    eps = real(prefix + "eps", eps, lo=0.0, lo_open=True)
+    weight_decay = real(prefix + "weight_decay", weight_decay, lo=0.0)
+    momentum = real(prefix + "momentum", momentum, lo=0.0)
+    centered = flag(prefix + "centered", centered)
+    maximize = flag(prefix + "maximize", maximize)
+    return lr, alpha, eps, weight_decay, momentum, centered, maximize
+
+
+# ---- arrays ----
+
+def float32_array(name, a):
+    """An ndarray of native float32 (any shape or layout): the element type every kernel uses."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must have dtype float32, got {a.dtype}")
+    return a
+
+
+def buffers(named, required):
+    """Check the arrays of a functional kernel call; return their common length.
+
+    `named` lists (name, array or None, written) with the param first; `required` names the
+    optional buffers that the options need.  Arrays must be 1-D, C-contiguous, aligned float32
+    of the param's length, writeable when the kernel writes them, and no two may overlap.
+    """
+    n = None
+    spans = []
+    for name, a, written in named:
+        if a is None:
+            if name in required:
+                raise ValueError(f"{name} is required by the options given ({required[name]})")
+            continue
+        float32_array(name, a)
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+        if not a.flags.aligned:
+            raise ValueError(f"{name} must be aligned to 4 bytes")
+        if written and not a.flags.writeable:
+            raise ValueError(f"{name} is read-only; the kernel updates it in place")
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            raise ValueError(f"{name} has length {a.shape[0]}, but param has length {n}")
+        if a.size:
+            lo, hi = _byte_bounds(a)
+            spans.append((lo, hi, name))
+    disjoint(spans)
+    return n
+
+
+def disjoint(spans):
+    """spans: (low, high, label) byte ranges; raise ValueError naming two that overlap."""
+    spans = sorted(spans)
+    for (lo_a, hi_a, a), (lo_b, hi_b, b) in zip(spans, spans[1:]):
+        if lo_b < hi_a:
+            raise ValueError(f"{a} and {b} overlap in memory (the same array passed twice, or "
+                             "views of one array); every buffer must be a separate array")
+
+
+def memory_span(a):
+    """(low, high) byte bounds of an ndarray's memory."""
+    return _byte_bounds(a)

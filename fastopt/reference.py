@@ -1,0 +1,171 @@
+"""The pure-NumPy twin of fastopt: the same functions and classes, the same checks.
+
+This is how a careful NumPy user writes these optimizers: whole-array operations in place on
+float32, scratch buffers allocated once and reused, no Python loop over elements, and the
+operations in torch.optim's for-loop order (so the results agree with torch's non-fused
+optimizers to float32 rounding).  It is the baseline the benchmarks compare against, and a
+drop-in replacement for `fastopt.*`:
+
+    from fastopt import reference as fo      # instead of: import fastopt as fo
+
+Unlike the C kernels it does not fuse multiply-adds, so it matches them to a few ulp per step,
+not bitwise (the tests state the bound).  Each step makes 8-14 passes over memory where the
+C kernel makes one.
+"""
+import sys
+import threading
+
+import numpy as np
+
+from fastopt import optim as _optim
+from fastopt._functional import make as _make
+
+_local = threading.local()
+
+
+def _scratch(n):
+    """Two float32 work buffers of n elements, reused across calls (one set per thread)."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or bufs[0].size < n:
+        bufs = _local.bufs = (np.empty(n, np.float32), np.empty(n, np.float32))
+    return bufs[0][:n], bufs[1][:n]
+
+
+def _lerp_(start, end, weight, tmp):
+    """start += weight * (end - start), in place (torch's lerp_, to rounding)."""
+    np.subtract(end, start, out=tmp)
+    tmp *= weight
+    start += tmp
+
+
+def _effective_grad(p, grad, weight_decay, maximize, out):
+    """-grad if maximize, plus weight_decay * p: into `out`, or grad itself when unchanged."""
+    if weight_decay != 0.0:
+        np.multiply(p, weight_decay, out=out)
+        if maximize:
+            out -= grad
+        else:
+            out += grad
+        return out
+    if maximize:
+        return np.negative(grad, out=out)
+    return grad
+
+
+# ---- range kernels: the backend interface shared with fastopt._core ----------------------
+
+def sgd(param, grad, momentum_buffer, start, stop, lr, momentum, dampening, weight_decay,
+        nesterov, maximize, first_step):
+    p, g = param[start:stop], grad[start:stop]
+    t1, t2 = _scratch(stop - start)
+    g = _effective_grad(p, g, weight_decay, maximize, t1)
+    if momentum != 0.0:
+        buf = momentum_buffer[start:stop]
+        if first_step:
+            np.copyto(buf, g)
+        else:
+            buf *= momentum
+            np.multiply(g, 1.0 - dampening, out=t2)
+            buf += t2
+        if nesterov:
+            np.multiply(buf, momentum, out=t2)
+            if g is not t1:
+                np.copyto(t1, g)
+                g = t1
+            g += t2
+        else:
+            g = buf
+    np.multiply(g, -lr, out=t2)
+    p += t2
+
+
+def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, start, stop, step, lr, beta1, beta2,
+         eps, weight_decay, decoupled, amsgrad, maximize):
+    p, g = param[start:stop], grad[start:stop]
+    m, v = exp_avg[start:stop], exp_avg_sq[start:stop]
+    t1, t2 = _scratch(stop - start)
+    if decoupled:
+        if weight_decay != 0.0:
+            p *= 1.0 - lr * weight_decay
+        g = _effective_grad(p, g, 0.0, maximize, t1)
+    else:
+        g = _effective_grad(p, g, weight_decay, maximize, t1)
+    _lerp_(m, g, 1.0 - beta1, t2)
+    v *= beta2
+    np.multiply(g, g, out=t2)
+    t2 *= 1.0 - beta2
+    v += t2
+    if amsgrad:
+        vmax = max_exp_avg_sq[start:stop]
+        np.maximum(vmax, v, out=vmax)
+        v = vmax
+    step_size = lr / (1.0 - beta1 ** step)
+    bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
+    denom = np.sqrt(v, out=t2)
+    denom /= bias_correction2_sqrt
+    denom += eps
+    np.divide(m, denom, out=t2)
+    t2 *= -step_size
+    p += t2
+
+
+def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr, alpha, eps,
+            weight_decay, momentum, centered, maximize):
+    p, g, sa = param[start:stop], grad[start:stop], square_avg[start:stop]
+    t1, t2 = _scratch(stop - start)
+    g = _effective_grad(p, g, weight_decay, maximize, t1)
+    sa *= alpha
+    np.multiply(g, g, out=t2)
+    t2 *= 1.0 - alpha
+    sa += t2
+    if centered:
+        ga = grad_avg[start:stop]
+        _lerp_(ga, g, 1.0 - alpha, t2)
+        np.multiply(ga, ga, out=t2)
+        np.subtract(sa, t2, out=t2)
+        avg = np.sqrt(t2, out=t2)
+    else:
+        avg = np.sqrt(sa, out=t2)
+    avg += eps
+    if momentum > 0.0:
+        buf = momentum_buffer[start:stop]
+        buf *= momentum
+        np.divide(g, avg, out=t2)
+        buf += t2
+        np.multiply(buf, -lr, out=t2)
+        p += t2
+    else:
+        np.divide(g, avg, out=t2)
+        t2 *= -lr
+        p += t2
+
+
+# ---- the public API, the same as fastopt's -----------------------------------------------
+
+_this = sys.modules[__name__]
+sgd_, adam_, rmsprop_ = _make(_this)
+for _f in (sgd_, adam_, rmsprop_):
+    _f.__module__ = __name__
+
+
+class SGD(_optim.SGD):
+    __doc__ = _optim.SGD.__doc__
+    _backend = _this
+
+
+class Adam(_optim.Adam):
+    __doc__ = _optim.Adam.__doc__
+    _backend = _this
+
+
+class AdamW(_optim.AdamW):
+    __doc__ = _optim.AdamW.__doc__
+    _backend = _this
+
+
+class RMSprop(_optim.RMSprop):
+    __doc__ = _optim.RMSprop.__doc__
+    _backend = _this
+
+
+__all__ = ["sgd_", "adam_", "rmsprop_", "SGD", "Adam", "AdamW", "RMSprop"]
