@@ -1,0 +1,29 @@
+"""The README's promises: its example runs and trains, and CI runs its test command."""
+import os
+import re
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def blocks(lang):
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return re.findall(rf"```{lang}\n(.*?)```", f.read(), re.S)
+
+
+def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
+    commands = [b.split("#")[0].strip() for b in blocks("sh")[:2]]
+    assert commands[0].endswith("python bench/run.py")
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert ci_lines[-1] == commands[1], "CI must run the README's test command"
+
+
+def test_training_example_runs_and_learns(capsys):
+    code = blocks("python")[0]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["loss"] < 1e-3
+    assert np.shares_memory(namespace["w"], namespace["opt"].flat_params)
+    assert "loss" in capsys.readouterr().out
