@@ -7,21 +7,47 @@ Flags, and why:
                       change results and break bitwise parity.
   -fno-math-errno     lets GCC vectorize sqrtf (without it, each sqrtf keeps a scalar errno
                       path); it changes no IEEE result, unlike -ffast-math, which we never use.
-No -march: one wheel runs on any x86-64, and csrc/ compiles each kernel once more for
-x86-64-v3 (AVX2+FMA) and picks the path at import (see csrc/isa.h).
+  -fopenmp            when the compiler has OpenMP (probed below): steps over large arenas
+                      split across threads; without it everything runs on one thread.
+No -march: one wheel runs on any x86-64, and csrc/ compiles each kernel again for x86-64-v3
+(AVX2+FMA) and x86-64-v4 (AVX-512) and picks the path at import (see csrc/internal.h).
 """
 import glob
 import os
+import shutil
+import subprocess
 import sys
+import sysconfig
+import tempfile
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+
+def openmp_flags():
+    """-fopenmp if this compiler builds and links an OpenMP program, else nothing (the kernels
+    then run on one thread); FASTOPT_OPENMP=0 turns it off."""
+    if os.environ.get("FASTOPT_OPENMP", "1") == "0" or sys.platform == "win32":
+        return []
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if not shutil.which(cc[0]):
+        return []
+    src = "#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as f:
+            f.write(src)
+        ok = subprocess.run(cc + ["-fopenmp", path, "-o", os.path.join(tmp, "probe")],
+                            capture_output=True).returncode == 0
+    return ["-fopenmp"] if ok else []
+
+
+omp = openmp_flags()
 if sys.platform == "win32":
     compile_args = ["/O2", "/fp:precise"]
 else:
     compile_args = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-math-errno",
-                    "-Wall", "-Wextra", "-Wno-unused-function"]
+                    "-Wall", "-Wextra", "-Wno-unused-function"] + omp
 
 csrc = sorted(glob.glob(os.path.join("csrc", "*.c")))
 extensions = [
@@ -30,7 +56,9 @@ extensions = [
         sources=[os.path.join("fastopt", "_core.pyx")] + csrc,
         include_dirs=["csrc"],
         extra_compile_args=compile_args,
+        extra_link_args=omp,
         libraries=[] if sys.platform == "win32" else ["m"],
+        define_macros=[("FASTOPT_COMPILE_ARGS", '"' + " ".join(compile_args) + '"')],
     )
 ]
 

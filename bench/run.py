@@ -126,7 +126,7 @@ def main(argv=None):
     budget, reps = (1.0, 15) if args.full else (0.3, 7)
 
     info = header(torch)
-    print(f"fastopt {info['fastopt']['version']} ({info['fastopt']['isa_description']}) | "
+    print(f"fastopt {info['fastopt']['version']} ({info['fastopt']['isa']}) | "
           f"{info['cpu']}, {info['cores']} cores | Python {info['python']}, "
           f"NumPy {info['numpy']}, torch {info['torch'] or 'not installed'} (1 thread)")
     rows = []

@@ -10,6 +10,7 @@
 same API in pure NumPy.
 """
 from fastopt import _core, functional
+from fastopt._core import get_num_threads, set_num_threads
 from fastopt.functional import adam_, rmsprop_, sgd_
 from fastopt.optim import SGD, Adam, AdamW, Optimizer, RMSprop
 
@@ -17,14 +18,18 @@ __version__ = "0.1.0"
 
 
 def build_info():
-    """What was built and what runs: version, kernel paths, and the path in use."""
+    """What was built and what runs: compiler and flags, ISA paths, OpenMP and threads."""
     return {
         "version": __version__,
+        "compiler": _core.compiler(),
+        "flags": _core.compile_flags(),
         "isa": _core.get_isa(),
-        "isa_description": _core.isa_description(),
         "available_isas": _core.available_isas(),
+        "openmp": _core.have_openmp(),
+        "num_threads": _core.get_num_threads(),
+        "min_per_thread": _core.get_min_per_thread(),
     }
 
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Optimizer", "functional", "sgd_", "adam_",
-           "rmsprop_", "build_info"]
+           "rmsprop_", "build_info", "get_num_threads", "set_num_threads"]

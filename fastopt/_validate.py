@@ -96,6 +96,10 @@ def rmsprop_hparams(lr, alpha, eps, weight_decay, momentum, centered, maximize, 
     return lr, alpha, eps, weight_decay, momentum, centered, maximize
 
 
+def grad_options(grad_multiplier, zero_grad):
+    return real("grad_multiplier", grad_multiplier, lo=0.0), flag("zero_grad", zero_grad)
+
+
 # ---- arrays ----
 
 def float32_array(name, a):

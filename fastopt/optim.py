@@ -17,6 +17,7 @@ needs them.  Differences from torch.optim are stated in each class's docstring; 
 """
 import math
 import numbers
+import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -62,11 +63,11 @@ def _split_named(items, where):
 class Optimizer:
     """Base class: the arena, param groups, state and the checks; subclasses add the math.
 
-    A subclass sets `_backend` (the module of range kernels: fastopt._core, or the NumPy one in
-    fastopt.reference) and defines:
+    A subclass sets `_backend` (the module with the kernels and the Stepper: fastopt._core, or
+    the NumPy one, fastopt.reference) and `_family`, and defines:
+      _snapshot(group) -> tuple   the group's hyperparameter values, to see that they changed
       _hparams(group, prefix) -> tuple  validated kernel arguments of one group
       _needs(hp) -> tuple of state keys the kernel needs with these hyperparameters
-      _run(backend, i, hp, start, stop)  one kernel call over the group's range
     """
 
     _backend = _core
@@ -117,6 +118,11 @@ class Optimizer:
         self._state = {}                                   # key -> state arena
         self._steps = [0] * len(self.param_groups)         # steps taken, per group
         self._live = [set() for _ in self.param_groups]    # state keys in use, per group
+        # The kernels run from a stepper that holds every group's hyperparameters; a group's
+        # are checked and sent again only when its dict changes (`_seen` is what was sent).
+        self._stepper = self._backend.Stepper(self._family, self._flat_params,
+                                              self._flat_grads, ranges)
+        self._seen = [None] * len(self.param_groups)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -222,8 +228,13 @@ class Optimizer:
         """
         self._flat_grads.fill(0.0)
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0):
         """One fused update of every parameter; `closure` (as in torch) recomputes the loss.
+
+        zero_grad=True writes zeros into the gradients in the same pass that reads them (the
+        same as calling zero_grad() after the step, without a second pass over the arena).
+        grad_multiplier multiplies every gradient first, inside the same pass: a clipping
+        coefficient, or 1/loss_scale (exactly 1, the default, changes nothing).
 
         Every group's hyperparameters are checked before any is updated: on a bad value the
         call raises and params, state and step counts stay as they were.
@@ -231,18 +242,39 @@ class Optimizer:
         loss = None
         if closure is not None:
             loss = closure()
-        hps = [self._hparams(g, f"param_groups[{i}].") for i, g in enumerate(self.param_groups)]
-        for hp in hps:
-            for key in self._needs(hp):
-                if key not in self._state:
-                    self._state[key] = _aligned_zeros(self._flat_params.size)
-        backend = self._backend
-        for i, hp in enumerate(hps):
-            start, stop = self._ranges[i]
-            self._steps[i] += 1
-            self._run(backend, i, hp, start, stop)
-            self._live[i].update(self._needs(hp))
+        if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
+            grad_multiplier = V.real("grad_multiplier", grad_multiplier, lo=0.0)
+        if zero_grad is not False:
+            zero_grad = V.flag("zero_grad", zero_grad)
+        seen = self._seen
+        changed = None
+        for i, group in enumerate(self.param_groups):
+            raw = self._snapshot(group)
+            if raw != seen[i]:
+                hp = self._hparams(group, f"param_groups[{i}].")     # may raise: nothing
+                changed = changed or []                             # has changed yet
+                changed.append((i, raw, hp))
+        if changed:
+            self._refresh(changed)
+        self._stepper.run(grad_multiplier, zero_grad)
+        steps = self._steps
+        for i in range(len(steps)):
+            steps[i] += 1
         return loss
+
+    def _refresh(self, changed):
+        """Send changed groups' hyperparameters to the stepper, allocating state they need."""
+        for i, raw, hp in changed:
+            needs = self._needs(hp)
+            for key in needs:
+                if key not in self._state:
+                    arena = _aligned_zeros(self._flat_params.size)
+                    self._stepper.set_buffer(key, arena)
+                    self._state[key] = arena
+            first = "momentum_buffer" not in self._live[i]     # SGD's first momentum step
+            self._stepper.set_group(i, hp, self._steps[i], first)
+            self._live[i].update(needs)
+            self._seen[i] = raw
 
     def state_dict(self):
         """torch-shaped: {'state': {index: {...}}, 'param_groups': [{..., 'params': [index]}]}.
@@ -270,7 +302,9 @@ class Optimizer:
         for i, (step, buffers) in enumerate(new_state):
             for key in buffers:
                 if key not in self._state:
-                    self._state[key] = _aligned_zeros(self._flat_params.size)
+                    arena = _aligned_zeros(self._flat_params.size)
+                    self._stepper.set_buffer(key, arena)
+                    self._state[key] = arena
             k0 = sum(len(g["params"]) for g in self.param_groups[:i])
             for key, arrays in buffers.items():
                 for j, a in enumerate(arrays):
@@ -283,6 +317,7 @@ class Optimizer:
             group.clear()
             group.update(new)
             group["params"] = params
+        self._seen = [None] * len(self.param_groups)     # resend everything on the next step
 
     def __repr__(self):
         lines = [f"{type(self).__name__} ("]
@@ -466,14 +501,13 @@ class SGD(Optimizer):
         return V.sgd_hparams(group["lr"], group["momentum"], group["dampening"],
                              group["weight_decay"], group["nesterov"], group["maximize"], prefix)
 
+    _family = "sgd"
+    _snapshot = staticmethod(operator.itemgetter("lr", "momentum", "dampening", "weight_decay",
+                                                 "nesterov", "maximize"))
+
     @staticmethod
     def _needs(hp):
         return ("momentum_buffer",) if hp[1] != 0.0 else ()
-
-    def _run(self, backend, i, hp, start, stop):
-        first = "momentum_buffer" not in self._live[i]
-        backend.sgd(self._flat_params, self._flat_grads, self._state.get("momentum_buffer"),
-                    start, stop, *hp, first)
 
 
 class Adam(Optimizer):
@@ -498,21 +532,25 @@ class Adam(Optimizer):
                                       amsgrad=amsgrad, maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay))
 
+    _family = "adam"
+    _snapshot = staticmethod(operator.itemgetter("lr", "betas", "eps", "weight_decay", "amsgrad",
+                                                 "maximize", "decoupled_weight_decay"))
+
     @staticmethod
     def _hparams(group, prefix):
-        beta1, beta2 = V.betas(group["betas"], prefix + "betas")
-        return V.adam_hparams(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                              group["decoupled_weight_decay"], group["amsgrad"],
-                              group["maximize"], prefix)
+        betas = group["betas"]
+        beta1, beta2 = V.betas(betas, prefix + "betas")
+        hp = V.adam_hparams(group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                            group["decoupled_weight_decay"], group["amsgrad"],
+                            group["maximize"], prefix)
+        if type(betas) is not tuple:
+            # a list could change in place, unseen by _snapshot: keep an immutable copy
+            group["betas"] = tuple(betas)
+        return hp
 
     @staticmethod
     def _needs(hp):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if hp[6] else ("exp_avg", "exp_avg_sq")
-
-    def _run(self, backend, i, hp, start, stop):
-        s = self._state
-        backend.adam(self._flat_params, self._flat_grads, s["exp_avg"], s["exp_avg_sq"],
-                     s.get("max_exp_avg_sq"), start, stop, self._steps[i], *hp)
 
 
 class AdamW(Adam):
@@ -554,12 +592,11 @@ class RMSprop(Optimizer):
                                  group["weight_decay"], group["momentum"], group["centered"],
                                  group["maximize"], prefix)
 
+    _family = "rmsprop"
+    _snapshot = staticmethod(operator.itemgetter("lr", "alpha", "eps", "weight_decay", "momentum",
+                                                 "centered", "maximize"))
+
     @staticmethod
     def _needs(hp):
         return (("square_avg",) + (("momentum_buffer",) if hp[4] > 0.0 else ())
                 + (("grad_avg",) if hp[5] else ()))
-
-    def _run(self, backend, i, hp, start, stop):
-        s = self._state
-        backend.rmsprop(self._flat_params, self._flat_grads, s["square_avg"],
-                        s.get("momentum_buffer"), s.get("grad_avg"), start, stop, *hp)

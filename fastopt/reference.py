@@ -38,27 +38,29 @@ def _lerp_(start, end, weight, tmp):
     start += tmp
 
 
-def _effective_grad(p, grad, weight_decay, maximize, out):
-    """-grad if maximize, plus weight_decay * p: into `out`, or grad itself when unchanged."""
+def _effective_grad(p, grad, weight_decay, maximize, multiplier, out):
+    """grad * multiplier, negated if maximize, plus weight_decay * p: into `out`, or grad
+    itself when nothing changes it."""
+    factor = -multiplier if maximize else multiplier
     if weight_decay != 0.0:
         np.multiply(p, weight_decay, out=out)
-        if maximize:
-            out -= grad
-        else:
+        if factor == 1.0:
             out += grad
+        else:
+            out += grad * np.float32(factor)
         return out
-    if maximize:
-        return np.negative(grad, out=out)
+    if factor != 1.0:
+        return np.multiply(grad, np.float32(factor), out=out)
     return grad
 
 
 # ---- range kernels: the backend interface shared with fastopt._core ----------------------
 
 def sgd(param, grad, momentum_buffer, start, stop, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, first_step):
-    p, g = param[start:stop], grad[start:stop]
+        nesterov, maximize, first_step, grad_multiplier=1.0, zero_grad=False):
+    p, grad = param[start:stop], grad[start:stop]
     t1, t2 = _scratch(stop - start)
-    g = _effective_grad(p, g, weight_decay, maximize, t1)
+    g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
     if momentum != 0.0:
         buf = momentum_buffer[start:stop]
         if first_step:
@@ -77,24 +79,28 @@ def sgd(param, grad, momentum_buffer, start, stop, lr, momentum, dampening, weig
             g = buf
     np.multiply(g, -lr, out=t2)
     p += t2
+    if zero_grad:
+        grad.fill(0.0)
 
 
 def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, start, stop, step, lr, beta1, beta2,
-         eps, weight_decay, decoupled, amsgrad, maximize):
-    p, g = param[start:stop], grad[start:stop]
+         eps, weight_decay, decoupled, amsgrad, maximize, grad_multiplier=1.0, zero_grad=False):
+    p, grad = param[start:stop], grad[start:stop]
     m, v = exp_avg[start:stop], exp_avg_sq[start:stop]
     t1, t2 = _scratch(stop - start)
     if decoupled:
+        g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
         if weight_decay != 0.0:
             p *= 1.0 - lr * weight_decay
-        g = _effective_grad(p, g, 0.0, maximize, t1)
     else:
-        g = _effective_grad(p, g, weight_decay, maximize, t1)
+        g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
     _lerp_(m, g, 1.0 - beta1, t2)
     v *= beta2
     np.multiply(g, g, out=t2)
     t2 *= 1.0 - beta2
     v += t2
+    if zero_grad:
+        grad.fill(0.0)
     if amsgrad:
         vmax = max_exp_avg_sq[start:stop]
         np.maximum(vmax, v, out=vmax)
@@ -110,10 +116,14 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, start, stop, step, lr
 
 
 def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr, alpha, eps,
-            weight_decay, momentum, centered, maximize):
-    p, g, sa = param[start:stop], grad[start:stop], square_avg[start:stop]
+            weight_decay, momentum, centered, maximize, grad_multiplier=1.0, zero_grad=False):
+    p, grad, sa = param[start:stop], grad[start:stop], square_avg[start:stop]
     t1, t2 = _scratch(stop - start)
-    g = _effective_grad(p, g, weight_decay, maximize, t1)
+    g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    if zero_grad and g is grad:
+        g = np.copyto(t1, grad) or t1
+    if zero_grad:
+        grad.fill(0.0)
     sa *= alpha
     np.multiply(g, g, out=t2)
     t2 *= 1.0 - alpha
@@ -138,6 +148,47 @@ def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr,
         np.divide(g, avg, out=t2)
         t2 *= -lr
         p += t2
+
+
+_KERNELS = {"sgd": sgd, "adam": adam, "rmsprop": rmsprop}
+_BUFFERS = {"sgd": ("momentum_buffer",),
+            "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+            "rmsprop": ("square_avg", "momentum_buffer", "grad_avg")}
+
+
+class Stepper:
+    """fastopt._core.Stepper's interface in Python: one range-kernel call per group."""
+
+    def __init__(self, family, param, grad, ranges):
+        self._family, self._param, self._grad = family, param, grad
+        self._ranges = list(ranges)
+        self._buffers = dict.fromkeys(_BUFFERS[family])
+        self._groups = [None] * len(self._ranges)      # [hp, step, first_step] per group
+
+    def set_buffer(self, name, arena):
+        self._buffers[name] = arena
+
+    def set_group(self, i, hp, step=0, first_step=False):
+        self._groups[i] = [hp, step, first_step]
+
+    def get_step(self, i):
+        return self._groups[i][1] if self._family == "adam" else 0
+
+    def run(self, grad_multiplier=1.0, zero_grad=False):
+        kernel, bufs = _KERNELS[self._family], list(self._buffers.values())
+        for (start, stop), grp in zip(self._ranges, self._groups):
+            hp, step, first = grp
+            if self._family == "sgd":
+                kernel(self._param, self._grad, *bufs, start, stop, *hp, first,
+                       grad_multiplier, zero_grad)
+                grp[2] = False
+            elif self._family == "adam":
+                grp[1] = step + 1
+                kernel(self._param, self._grad, *bufs, start, stop, step + 1, *hp,
+                       grad_multiplier, zero_grad)
+            else:
+                kernel(self._param, self._grad, *bufs, start, stop, *hp, grad_multiplier,
+                       zero_grad)
 
 
 # ---- the public API, the same as fastopt's -----------------------------------------------
