@@ -9,6 +9,7 @@ of buffers for overlap, so C never sees a bad pointer, a wrong length or aliasin
 """
 import os
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
@@ -105,6 +106,16 @@ if _forced:
 
 
 # ---- checks ---------------------------------------------------------------------------------
+
+def address(obj):
+    """The address of a contiguous buffer's first byte (for overlap checks: fast, unlike
+    ndarray.__array_interface__)."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE)
+    cdef uintptr_t p = <uintptr_t>view.buf
+    PyBuffer_Release(&view)
+    return p
+
 
 cdef inline void _check_range(str name, Py_ssize_t length, Py_ssize_t start, Py_ssize_t stop) except *:
     if start < 0 or stop < start or stop > length:

@@ -10,6 +10,8 @@ import numbers
 
 import numpy as np
 
+from fastopt import _core
+
 try:  # NumPy >= 2
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
 except ImportError:  # pragma: no cover - NumPy 1.x
@@ -18,8 +20,10 @@ except ImportError:  # pragma: no cover - NumPy 1.x
 
 def real(name, x, *, lo=None, lo_open=False, hi=None, hi_open=False):
     """A finite real number inside the given bounds, as a float."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
+    t = type(x)
+    if t is not float and t is not int:   # the common cases first: the ABC check is slow
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
     x = float(x)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x!r}")
@@ -32,16 +36,19 @@ def real(name, x, *, lo=None, lo_open=False, hi=None, hi_open=False):
 
 def flag(name, x):
     """A bool (Python or NumPy); 0/1 and other truthy objects are refused as likely mistakes."""
-    if not isinstance(x, (bool, np.bool_)):
+    if x is True or x is False:
+        return x
+    if not isinstance(x, np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}")
     return bool(x)
 
 
 def step(x, name="step"):
     """The 1-based count of the step being taken."""
-    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
-    x = int(x)
+    if type(x) is not int:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(x).__name__} {x!r}")
+        x = int(x)
     if x < 1:
         raise ValueError(f"{name} must be >= 1 (the 1-based count of the step being taken), got {x}")
     if x >= 2 ** 63:
@@ -128,19 +135,20 @@ def buffers(named, required):
         float32_array(name, a)
         if a.ndim != 1:
             raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-        if not a.flags.c_contiguous:
+        flags = a.flags
+        if not flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous")
-        if not a.flags.aligned:
+        if not flags.aligned:
             raise ValueError(f"{name} must be aligned to 4 bytes")
-        if written and not a.flags.writeable:
+        if written and not flags.writeable:
             raise ValueError(f"{name} is read-only; the kernel updates it in place")
         if n is None:
             n = a.shape[0]
         elif a.shape[0] != n:
             raise ValueError(f"{name} has length {a.shape[0]}, but param has length {n}")
-        if a.size:
-            lo, hi = _byte_bounds(a)
-            spans.append((lo, hi, name))
+        if n:
+            lo = _core.address(a)                       # 1-D and contiguous: [lo, lo + nbytes)
+            spans.append((lo, lo + a.nbytes, name))
     disjoint(spans)
     return n
 
