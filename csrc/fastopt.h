@@ -97,6 +97,14 @@ void fo_rmsprop(const fo_exec *ex, float *restrict param, float *restrict grad,
                 float *restrict square_avg, float *restrict momentum_buffer,
                 float *restrict grad_avg, const fo_rmsprop_group *groups, size_t ngroups);
 
+/* The norm_type-norm of grad (2, 1, INFINITY or any p > 0), accumulated in double and
+ * deterministic whatever the threads or ISA; *nonfinite is set to 1 if any element is NaN or
+ * infinite.  block_sums: scratch of fo_norm_blocks(n) doubles. */
+#define FO_NORM_BLOCK 8192
+size_t fo_norm_blocks(size_t n);
+double fo_grad_norm(const fo_exec *ex, const float *restrict grad, size_t n, double norm_type,
+                    double *restrict block_sums, int *nonfinite);
+
 /* Memory-bandwidth probes with an optimizer's traffic and trivial arithmetic, threaded like
  * the kernels: r4w3 reads a, b, c, d and writes a, c, d (Adam's pattern); r3w2 reads a, b, c
  * and writes a, c (SGD with momentum, RMSprop). */

@@ -11,6 +11,8 @@ same API in pure NumPy.
 """
 from fastopt import _core, functional
 from fastopt._core import get_num_threads, set_num_threads
+from fastopt.checkpoint import load, save
+from fastopt.clip import clip_grad_norm_, clip_grad_value_
 from fastopt.functional import adam_, rmsprop_, sgd_
 from fastopt.optim import SGD, Adam, AdamW, Optimizer, RMSprop
 
@@ -32,4 +34,5 @@ def build_info():
 
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Optimizer", "functional", "sgd_", "adam_",
-           "rmsprop_", "build_info", "get_num_threads", "set_num_threads"]
+           "rmsprop_", "build_info", "get_num_threads", "set_num_threads", "clip_grad_norm_",
+           "clip_grad_value_", "save", "load"]

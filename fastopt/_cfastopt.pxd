@@ -59,6 +59,9 @@ cdef extern from "fastopt.h" nogil:
     void fo_rmsprop(const fo_exec *ex, float *param, float *grad, float *square_avg,
                     float *momentum_buffer, float *grad_avg, const fo_rmsprop_group *groups,
                     size_t ngroups)
+    size_t fo_norm_blocks(size_t n)
+    double fo_grad_norm(const fo_exec *ex, const float *grad, size_t n, double norm_type,
+                        double *block_sums, int *nonfinite)
     void fo_probe_r4w3(const fo_exec *ex, float *a, const float *b, float *c, float *d, size_t n)
     void fo_probe_r3w2(const fo_exec *ex, float *a, const float *b, float *c, size_t n)
 

@@ -11,12 +11,13 @@ import os
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uintptr_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 
 from fastopt._cfastopt cimport (
     fo_isa, FO_ISA_BASELINE, FO_ISA_X86_64_V3, FO_ISA_X86_64_V4, fo_best_isa, fo_isa_supported,
     fo_isa_name, fo_have_openmp, fo_compiler, fo_compile_flags, fo_exec, fo_grad_opts, fo_sgd_group, fo_adam_group,
     fo_rmsprop_group, fo_sgd, fo_adam, fo_rmsprop, fo_probe_r4w3, fo_probe_r3w2,
+    fo_norm_blocks, fo_grad_norm,
     fo_omp_max_threads, fo_omp_set_threads,
 )
 
@@ -28,7 +29,7 @@ cdef fo_isa _isa = fo_best_isa()
 
 # Below this many elements per thread a second thread costs more than it brings (measured with
 # bench/run.py on 2 cores: see README, Performance).
-DEFAULT_MIN_PER_THREAD = 1 << 18
+DEFAULT_MIN_PER_THREAD = 1 << 15
 cdef size_t _min_per_thread = DEFAULT_MIN_PER_THREAD
 
 
@@ -452,6 +453,29 @@ cdef class Stepper:
                 fo_adam(&ex, self.param, self.grad, b0, b1, b2, a, self.ngroups)
             else:
                 fo_rmsprop(&ex, self.param, self.grad, b0, b1, b2, r, self.ngroups)
+
+
+# ---- gradient norm ----------------------------------------------------------------------------
+
+def grad_norm(const float[::1] grad not None, double norm_type=2.0):
+    """(norm, nonfinite): the norm_type-norm of grad, accumulated in double (deterministic for
+    any thread count), and whether any element is NaN or infinite.  One pass."""
+    cdef Py_ssize_t n = grad.shape[0]
+    cdef int bad = 0
+    cdef double total
+    cdef fo_exec ex = _exec()
+    cdef double *blocks
+    if not norm_type > 0.0:
+        raise ValueError(f"norm_type must be > 0, got {norm_type!r}")
+    if n == 0:
+        return 0.0, False
+    blocks = <double *>malloc(fo_norm_blocks(n) * sizeof(double))
+    if blocks == NULL:
+        raise MemoryError()
+    with nogil:
+        total = fo_grad_norm(&ex, &grad[0], n, norm_type, blocks, &bad)
+    free(blocks)
+    return total, bool(bad)
 
 
 # ---- bandwidth probes (for bench/run.py) ----------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 
 from fastopt import _core
 from fastopt import _validate as V
+from fastopt.clip import clip_coefficient, norm_type_arg
 
 ALIGN_BYTES = 64
 _ALIGN = ALIGN_BYTES // 4  # in float32 elements
@@ -74,8 +75,11 @@ class Optimizer:
     _state_names = ()       # every state buffer the family can have
     _has_step = True        # whether the per-param state records 'step' (not SGD's, as torch)
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, skip_nonfinite=False):
         self._hparams(defaults, "")                  # names the bad argument without a prefix
+        self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
+        self.skipped_steps = 0          # steps skipped for non-finite gradients
+        self.last_grad_norm = None      # the norm the last step computed, if it computed one
         self.defaults = dict(defaults)
         groups, names = self._parse(params)
         self.param_groups = []
@@ -228,16 +232,25 @@ class Optimizer:
         """
         self._flat_grads.fill(0.0)
 
-    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0):
+    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+             norm_type=2.0):
         """One fused update of every parameter; `closure` (as in torch) recomputes the loss.
 
         zero_grad=True writes zeros into the gradients in the same pass that reads them (the
         same as calling zero_grad() after the step, without a second pass over the arena).
-        grad_multiplier multiplies every gradient first, inside the same pass: a clipping
-        coefficient, or 1/loss_scale (exactly 1, the default, changes nothing).
+        grad_multiplier multiplies every gradient first, inside the same pass: 1/loss_scale,
+        say (exactly 1, the default, changes nothing).  max_grad_norm clips: the step is then
+        exactly `clip_grad_norm_(opt, max_grad_norm, norm_type)` followed by `step()`, in two
+        passes instead of three (with a grad_multiplier too, the norm is taken of the
+        multiplied gradients); the norm is kept in `last_grad_norm`.
 
-        Every group's hyperparameters are checked before any is updated: on a bad value the
-        call raises and params, state and step counts stay as they were.
+        With `skip_nonfinite` on, a NaN or infinite gradient skips the update: params, state
+        and step counts stay as they were, `skipped_steps` counts it, and step() returns False
+        (the gradients are still zeroed if zero_grad=True).  Otherwise step() returns the
+        closure's loss when a closure is given, else True.
+
+        Every argument and every group's hyperparameters are checked before anything is
+        updated: on a bad value the call raises and nothing has changed.
         """
         loss = None
         if closure is not None:
@@ -246,6 +259,9 @@ class Optimizer:
             grad_multiplier = V.real("grad_multiplier", grad_multiplier, lo=0.0)
         if zero_grad is not False:
             zero_grad = V.flag("zero_grad", zero_grad)
+        if max_grad_norm is not None:
+            max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
+            norm_type = norm_type_arg(norm_type)
         seen = self._seen
         changed = None
         for i, group in enumerate(self.param_groups):
@@ -254,13 +270,27 @@ class Optimizer:
                 hp = self._hparams(group, f"param_groups[{i}].")     # may raise: nothing
                 changed = changed or []                             # has changed yet
                 changed.append((i, raw, hp))
+        if max_grad_norm is not None or self.skip_nonfinite:
+            total, nonfinite = self._backend.grad_norm(
+                self._flat_grads, norm_type if max_grad_norm is not None else 2.0)
+            total *= grad_multiplier
+            self.last_grad_norm = total
+            if nonfinite and self.skip_nonfinite:
+                self.skipped_steps += 1
+                if zero_grad:
+                    self._flat_grads.fill(0.0)
+                return loss if closure is not None else False
+            if max_grad_norm is not None:
+                coef = clip_coefficient(total, max_grad_norm)
+                if coef != 1.0:
+                    grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
         if changed:
             self._refresh(changed)
         self._stepper.run(grad_multiplier, zero_grad)
         steps = self._steps
         for i in range(len(steps)):
             steps[i] += 1
-        return loss
+        return loss if closure is not None else True
 
     def _refresh(self, changed):
         """Send changed groups' hyperparameters to the stepper, allocating state they need."""
@@ -296,7 +326,22 @@ class Optimizer:
         dtypes, step counts); on any problem a TypeError/ValueError says what, and nothing in
         the optimizer has changed.  Arrays are copied into the arenas.
         """
-        new_groups, new_state = self._check_state_dict(state_dict)
+        self._apply_state_dict(*self._check_state_dict(state_dict))
+
+    def save(self, path, scheduler=None):
+        """Write a checkpoint: params, state, hyperparameters, step counts (and the
+        scheduler's state) in one .npz file, atomically.  See fastopt.checkpoint."""
+        from fastopt import checkpoint
+        checkpoint.save(path, self, scheduler)
+
+    def load(self, path, scheduler=None):
+        """Restore from a checkpoint written by `save`; on any problem a ValueError, and
+        nothing has changed.  See fastopt.checkpoint."""
+        from fastopt import checkpoint
+        checkpoint.load(path, self, scheduler)
+
+    def _apply_state_dict(self, new_groups, new_state):
+        """The second half of load_state_dict: install what _check_state_dict accepted."""
         for arena in self._state.values():   # what the state dict does not set starts at zero
             arena.fill(0.0)
         for i, (step, buffers) in enumerate(new_state):
@@ -490,11 +535,11 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None):
+                 fused=None, skip_nonfinite=False):
         _no_torch_only_options(False, differentiable)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize))
+                                      maximize=maximize), skip_nonfinite)
 
     @staticmethod
     def _hparams(group, prefix):
@@ -526,11 +571,13 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False):
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 skip_nonfinite=False):
         _no_torch_only_options(capturable, differentiable)
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay))
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         skip_nonfinite)
 
     _family = "adam"
     _snapshot = staticmethod(operator.itemgetter("lr", "betas", "eps", "weight_decay", "amsgrad",
@@ -559,10 +606,10 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None):
+                 differentiable=False, fused=None, skip_nonfinite=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          capturable=capturable, differentiable=differentiable,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, skip_nonfinite=skip_nonfinite)
 
 
 class RMSprop(Optimizer):
@@ -581,10 +628,11 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False):
+                 differentiable=False, *, skip_nonfinite=False):
         _no_torch_only_options(capturable, differentiable)
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered, maximize=maximize))
+                                      momentum=momentum, centered=centered, maximize=maximize),
+                         skip_nonfinite)
 
     @staticmethod
     def _hparams(group, prefix):

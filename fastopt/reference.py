@@ -17,10 +17,12 @@ import threading
 
 import numpy as np
 
+from fastopt import clip as _clip
 from fastopt import optim as _optim
 from fastopt._functional import make as _make
 
 _local = threading.local()
+_this = sys.modules[__name__]
 
 
 def _scratch(n):
@@ -150,6 +152,41 @@ def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr,
         p += t2
 
 
+def grad_norm(grad, norm_type=2.0):
+    """(norm, nonfinite) of a 1-D float32 buffer, accumulated in float64 block by block (so no
+    float64 copy of the whole buffer is made)."""
+    block = 1 << 16
+    nonfinite = False
+    total = 0.0
+    for lo in range(0, grad.size, block):
+        x = np.abs(grad[lo:lo + block], dtype=np.float64)
+        nonfinite = nonfinite or not np.isfinite(x).all()
+        if norm_type == 2.0:
+            total += float(np.dot(x, x))
+        elif norm_type == 1.0:
+            total += float(x.sum())
+        elif norm_type == np.inf:
+            m = float(x.max())
+            total = m if (m > total or m != m) else total
+        else:
+            total += float(np.sum(x ** norm_type))
+    if norm_type == 2.0:
+        return float(np.sqrt(total)), nonfinite
+    if norm_type in (1.0, np.inf):
+        return total, nonfinite
+    return total ** (1.0 / norm_type), nonfinite
+
+
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
+                    foreach=None):
+    return _clip.clip_grad_norm_(parameters, max_norm, norm_type, error_if_nonfinite,
+                                 _backend=_this)
+
+
+clip_grad_norm_.__doc__ = _clip.clip_grad_norm_.__doc__
+clip_grad_value_ = _clip.clip_grad_value_
+
+
 _KERNELS = {"sgd": sgd, "adam": adam, "rmsprop": rmsprop}
 _BUFFERS = {"sgd": ("momentum_buffer",),
             "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -193,7 +230,6 @@ class Stepper:
 
 # ---- the public API, the same as fastopt's -----------------------------------------------
 
-_this = sys.modules[__name__]
 sgd_, adam_, rmsprop_ = _make(_this)
 for _f in (sgd_, adam_, rmsprop_):
     _f.__module__ = __name__
@@ -219,4 +255,5 @@ class RMSprop(_optim.RMSprop):
     _backend = _this
 
 
-__all__ = ["sgd_", "adam_", "rmsprop_", "SGD", "Adam", "AdamW", "RMSprop"]
+__all__ = ["sgd_", "adam_", "rmsprop_", "SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm_",
+           "clip_grad_value_"]
