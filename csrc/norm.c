@@ -5,13 +5,15 @@
  *   other p:  (sum |g|^p)^(1/p)
  * Sums are accumulated in double, so the norm is exact to double rounding at 1e8 elements.
  * The result is deterministic: the buffer is cut into fixed blocks of FO_NORM_BLOCK elements,
- * each block summed in a fixed order (eight running sums, element i into sum i % 8, which no
- * compiler may reorder without -ffast-math), and the block sums added in order at the end, so
+ * each block summed in a fixed order (see block_reduce), and the block sums added in order at
+ * the end, so
  * neither the thread count nor the vector width changes a bit.  A NaN anywhere makes the norm
  * NaN (as torch's), and *nonfinite reports whether any element was NaN or infinite.
  */
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -21,46 +23,85 @@
 
 enum { NORM_L2 = 0, NORM_L1 = 1, NORM_INF = 2, NORM_P = 3 };
 
+/* L2, L1 and max norms of a block in four-double vectors (GCC/Clang vector extensions): each
+ * lane is an IEEE double operation, so the sums come out the same whatever the hardware
+ * vector width; element i goes to lane i % 16, and the lanes are combined in a fixed tree. */
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef long long v4l __attribute__((vector_size(32)));
+
+FO_INLINE v4d load4(const float *p)
+{
+    v4f f;
+    memcpy(&f, p, sizeof f);
+    return __builtin_convertvector(f, v4d);
+}
+
+FO_INLINE v4d vabs(v4d x)
+{
+    const v4l sign = {INT64_MIN, INT64_MIN, INT64_MIN, INT64_MIN};
+    return (v4d)((v4l)x & ~sign);
+}
+
+/* max that propagates NaN: take x where x > acc or x is NaN */
+FO_INLINE v4d vmax_nan(v4d acc, v4d x)
+{
+    const v4l take = (v4l)(x > acc) | (v4l)(x != x);
+    return (v4d)(((v4l)x & take) | ((v4l)acc & ~take));
+}
+
+FO_INLINE double max_nan(double a, double b)
+{
+    return (b > a || b != b) ? b : a;
+}
+
 FO_INLINE double block_reduce(const float *restrict g, size_t n, const int kind, double p,
                               int *restrict bad)
 {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int nonfinite = 0;
+    if (kind == NORM_P) {
+        /* rare: a plain fixed-order loop; |x|^p can overflow, so each element is checked */
+        double acc = 0.0;
+        int nonfinite = 0;
+        for (size_t i = 0; i < n; i++) {
+            const double x = fabs((double)g[i]);
+            nonfinite |= !(x <= DBL_MAX);
+            acc += pow(x, p);
+        }
+        *bad |= nonfinite;
+        return acc;
+    }
+    v4d a0 = {0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) {
-            const double x = fabs((double)g[i + j]);
-            nonfinite |= !(x <= DBL_MAX);              /* NaN or inf */
-            if (kind == NORM_L2)
-                acc[j] += x * x;
-            else if (kind == NORM_L1)
-                acc[j] += x;
-            else if (kind == NORM_INF)
-                acc[j] = (x > acc[j] || x != x) ? x : acc[j];   /* NaN propagates */
-            else
-                acc[j] += pow(x, p);
+    for (; i + 16 <= n; i += 16) {
+        const v4d x0 = load4(g + i), x1 = load4(g + i + 4);
+        const v4d x2 = load4(g + i + 8), x3 = load4(g + i + 12);
+        if (kind == NORM_L2) {
+            a0 += x0 * x0; a1 += x1 * x1; a2 += x2 * x2; a3 += x3 * x3;
+        } else if (kind == NORM_L1) {
+            a0 += vabs(x0); a1 += vabs(x1); a2 += vabs(x2); a3 += vabs(x3);
+        } else {
+            a0 = vmax_nan(a0, vabs(x0)); a1 = vmax_nan(a1, vabs(x1));
+            a2 = vmax_nan(a2, vabs(x2)); a3 = vmax_nan(a3, vabs(x3));
         }
     }
-    for (int j = 0; i < n; i++, j++) {
-        const double x = fabs((double)g[i]);
-        nonfinite |= !(x <= DBL_MAX);
-        if (kind == NORM_L2)
-            acc[j] += x * x;
-        else if (kind == NORM_L1)
-            acc[j] += x;
-        else if (kind == NORM_INF)
-            acc[j] = (x > acc[j] || x != x) ? x : acc[j];
-        else
-            acc[j] += pow(x, p);
-    }
-    *bad |= nonfinite;
+    double r;
     if (kind == NORM_INF) {
-        double m = acc[0];
-        for (int j = 1; j < 8; j++)
-            m = (acc[j] > m || acc[j] != acc[j]) ? acc[j] : m;
-        return m;
+        const v4d m = vmax_nan(vmax_nan(a0, a1), vmax_nan(a2, a3));
+        r = max_nan(max_nan(m[0], m[1]), max_nan(m[2], m[3]));
+        for (; i < n; i++)
+            r = max_nan(r, fabs((double)g[i]));
+    } else {
+        const v4d s = (a0 + a1) + (a2 + a3);
+        r = (s[0] + s[1]) + (s[2] + s[3]);
+        for (; i < n; i++) {
+            const double x = (double)g[i];
+            r += kind == NORM_L2 ? x * x : fabs(x);
+        }
     }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    /* float32 squares (or absolute values) cannot overflow a double sum of a block, so a
+     * non-finite block result means a NaN or infinite element */
+    *bad |= !(fabs(r) <= DBL_MAX);
+    return r;
 }
 
 static double block_baseline(const float *restrict g, size_t n, int kind, double p, int *bad)

@@ -9,7 +9,7 @@
 `fastopt.functional` has the kernels as functions on 1-D arrays; `fastopt.reference` is the
 same API in pure NumPy.
 """
-from fastopt import _core, functional
+from fastopt import _core, functional, lr_scheduler
 from fastopt._core import get_num_threads, set_num_threads
 from fastopt.checkpoint import load, save
 from fastopt.clip import clip_grad_norm_, clip_grad_value_
@@ -33,6 +33,7 @@ def build_info():
     }
 
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Optimizer", "functional", "sgd_", "adam_",
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Optimizer", "functional", "lr_scheduler", "sgd_",
+           "adam_",
            "rmsprop_", "build_info", "get_num_threads", "set_num_threads", "clip_grad_norm_",
            "clip_grad_value_", "save", "load"]

@@ -172,3 +172,25 @@ def test_functional_zero_grad_needs_a_writeable_gradient():
     with pytest.raises(ValueError, match="grad is read-only"):
         F.sgd_(p, g, step=1, zero_grad=True)
     assert (p == 1).all()
+
+
+def _in_fresh_process(code, **env):
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, **env}, check=True)
+    return out.stdout.strip()
+
+
+def test_environment_forces_the_baseline_path():
+    code = "import fastopt; print(fastopt.build_info()['isa'])"
+    assert _in_fresh_process(code, FASTOPT_ISA="baseline") == "baseline"
+    assert _in_fresh_process(code) == _core.available_isas()[-1]
+
+
+@needs_openmp
+def test_omp_num_threads_is_honoured():
+    code = "import fastopt; print(fastopt.get_num_threads())"
+    assert _in_fresh_process(code, OMP_NUM_THREADS="1") == "1"
+    assert _in_fresh_process(code, OMP_NUM_THREADS="3") == "3"

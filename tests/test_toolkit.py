@@ -432,3 +432,76 @@ def test_checkpoint_of_a_mismatched_model_is_refused(tmp_path):
     other = fastopt.AdamW([np.zeros(5, np.float32)])
     with pytest.raises(ValueError, match="parameter shapes"):
         other.load(tmp_path / "ck.npz")
+
+
+def test_checkpoint_with_scheduler_resumes_lr_and_params(tmp_path):
+    from fastopt.lr_scheduler import warmup_cosine
+
+    def setup(seed=0):
+        opt = make("AdamW", seed=seed)
+        return opt, warmup_cosine(opt, warmup_steps=5, total_steps=40, min_lr=1e-5)
+
+    straight, s_sched = setup()
+    first, f_sched = setup()
+    lrs = []
+    for t in range(40):
+        for o, s in ([(straight, s_sched), (first, f_sched)] if t < 17 else [(straight, s_sched)]):
+            fill_grads(o, 50 + t)
+            o.step(max_grad_norm=1.0)
+            s.step()
+        lrs.append([g["lr"] for g in straight.param_groups])
+        if t == 16:
+            fastopt.save(tmp_path / "ck.npz", first, f_sched)
+    resumed, r_sched = setup(seed=3)
+    fastopt.load(tmp_path / "ck.npz", resumed, r_sched)
+    for t in range(17, 40):
+        fill_grads(resumed, 50 + t)
+        resumed.step(max_grad_norm=1.0)
+        r_sched.step()
+        assert [g["lr"] for g in resumed.param_groups] == lrs[t]
+    assert_bitwise(resumed.flat_params, straight.flat_params, "params")
+
+
+def test_checkpoint_scheduler_mismatches_are_refused(tmp_path):
+    from fastopt.lr_scheduler import StepLR, warmup_cosine
+    opt = make()
+    sched = warmup_cosine(opt, 2, 10)
+    opt.step()
+    sched.step()
+    fastopt.save(tmp_path / "with.npz", opt, sched)
+    opt.save(tmp_path / "without.npz")
+    other = make(seed=4)
+    other_sched = StepLR(other, step_size=3)
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match="not a StepLR"):
+        fastopt.load(tmp_path / "with.npz", other, other_sched)
+    with pytest.raises(ValueError, match="pass the scheduler"):
+        fastopt.load(tmp_path / "with.npz", other)
+    with pytest.raises(ValueError, match="holds no scheduler state"):
+        fastopt.load(tmp_path / "without.npz", other, other_sched)
+    assert_unchanged(other, snap)
+    assert other_sched.last_epoch == 0
+
+
+def test_bad_scheduler_state_in_a_checkpoint_changes_nothing(tmp_path):
+    import json
+    from fastopt.lr_scheduler import warmup_cosine
+    opt = make()
+    sched = warmup_cosine(opt, 2, 10)
+    opt.step()
+    sched.step()
+    path = tmp_path / "ck.npz"
+    fastopt.save(path, opt, sched)
+
+    def change(m):
+        meta = json.loads(str(m["meta"][()]))
+        meta["scheduler"]["state"]["last_epoch"] = "seven"
+        m["meta"] = np.array(json.dumps(meta))
+    path.write_bytes(_rewrite(path.read_bytes(), change))
+    other = make(seed=4)
+    other_sched = warmup_cosine(other, 2, 10)
+    snap, epoch = snapshot(other), other_sched.last_epoch
+    with pytest.raises(ValueError, match="bad scheduler state"):
+        fastopt.load(path, other, other_sched)
+    assert_unchanged(other, snap)
+    assert other_sched.last_epoch == epoch
