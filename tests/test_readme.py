@@ -3,6 +3,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +19,27 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci_lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     assert ci_lines[-1] == commands[1], "CI must run the README's test command"
+
+
+def test_recipe_trains_checkpoints_and_resumes(tmp_path, monkeypatch, capsys):
+    code = blocks("python")[1]
+    monkeypatch.chdir(tmp_path)
+    first = {}
+    exec(compile(code, "README.md", "exec"), first)
+    assert first["loss"] < 0.02
+    assert (tmp_path / "ckpt.npz").exists()
+    assert first["sched"].last_epoch == 1000
+    assert "skipped steps 0" in capsys.readouterr().out
+    # "stop it at any point and run it again": killed at step 600, resumed from step 500
+    (tmp_path / "ckpt.npz").unlink()
+    killed = code.replace("    sched.step()\n",
+                          "    sched.step()\n    if step == 600:\n        raise KeyboardInterrupt\n")
+    assert killed != code
+    with pytest.raises(KeyboardInterrupt):
+        exec(compile(killed, "README.md", "exec"), {})
+    resumed = {}
+    exec(compile(code, "README.md", "exec"), resumed)
+    assert np.array_equal(resumed["opt"].flat_params, first["opt"].flat_params)
 
 
 def test_training_example_runs_and_learns(capsys):
