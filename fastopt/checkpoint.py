@@ -33,7 +33,7 @@ def save(path, optimizer, scheduler=None):
     path = os.fspath(path)
     sd = optimizer.state_dict()
     meta = {
-        "class": type(optimizer).__name__,
+        "class": _kind(optimizer),
         "param_groups": sd["param_groups"],
         "shapes": [list(p.shape) for p in optimizer._param_views],
         "names": optimizer._names,
@@ -57,6 +57,8 @@ def save(path, optimizer, scheduler=None):
             if key != "step":
                 arrays[f"state/{i}/{key}"] = value
 
+    if not getattr(optimizer, "_writes_checkpoints", True):
+        return      # a sharded optimizer's other ranks: rank 0 writes what all gathered
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fastopt-", suffix=".npz.tmp", dir=folder)
     try:
@@ -90,9 +92,9 @@ def load(path, optimizer, scheduler=None):
         raise ValueError(f"{where}: format version {int(version)}, this fastopt reads "
                          f"{FORMAT_VERSION}")
     meta = _read_meta(arrays, where)
-    if meta.get("class") != type(optimizer).__name__:
+    if meta.get("class") != _kind(optimizer):
         raise ValueError(f"{where} holds a {meta.get('class')!r} optimizer, not a "
-                         f"{type(optimizer).__name__}")
+                         f"{_kind(optimizer)}")
 
     shapes = [tuple(p.shape) for p in optimizer._param_views]
     saved_shapes = meta.get("shapes")
@@ -166,6 +168,12 @@ def load(path, optimizer, scheduler=None):
     optimizer.skipped_steps = skipped
     if scheduler is not None:
         scheduler.load_state_dict(sched_meta["state"])
+
+
+def _kind(optimizer):
+    """The optimizer's family name in the file: a sharded AdamW is stored as an AdamW, so a
+    checkpoint moves between sharded, replicated and single-process runs."""
+    return getattr(type(optimizer), "_checkpoint_name", None) or type(optimizer).__name__
 
 
 # ---- reading, with every failure turned into a ValueError that says what -----------------

@@ -122,10 +122,14 @@ class Optimizer:
         self._state = {}                                   # key -> state arena
         self._steps = [0] * len(self.param_groups)         # steps taken, per group
         self._live = [set() for _ in self.param_groups]    # state keys in use, per group
+        # The part of the arena this optimizer updates and keeps state for: all of it, except
+        # in a sharded (ZeRO) optimizer, which holds one rank's contiguous share [lo, hi).
+        self._lo, self._hi = lo, hi = self._shard(total)
+        local = [(min(max(s, lo), hi) - lo, min(max(e, lo), hi) - lo) for s, e in ranges]
         # The kernels run from a stepper that holds every group's hyperparameters; a group's
         # are checked and sent again only when its dict changes (`_seen` is what was sent).
-        self._stepper = self._backend.Stepper(self._family, self._flat_params,
-                                              self._flat_grads, ranges)
+        self._stepper = self._backend.Stepper(self._family, self._flat_params[lo:hi],
+                                              self._kernel_grads(), local)
         self._seen = [None] * len(self.param_groups)
 
     # ---- construction -------------------------------------------------------------------
@@ -286,7 +290,7 @@ class Optimizer:
                     grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
         if changed:
             self._refresh(changed)
-        self._stepper.run(grad_multiplier, zero_grad)
+        self._run(grad_multiplier, zero_grad)
         steps = self._steps
         for i in range(len(steps)):
             steps[i] += 1
@@ -298,9 +302,7 @@ class Optimizer:
             needs = self._needs(hp)
             for key in needs:
                 if key not in self._state:
-                    arena = _aligned_zeros(self._flat_params.size)
-                    self._stepper.set_buffer(key, arena)
-                    self._state[key] = arena
+                    self._new_state_arena(key)
             first = "momentum_buffer" not in self._live[i]     # SGD's first momentum step
             self._stepper.set_group(i, hp, self._steps[i], first)
             self._live[i].update(needs)
@@ -347,14 +349,16 @@ class Optimizer:
         for i, (step, buffers) in enumerate(new_state):
             for key in buffers:
                 if key not in self._state:
-                    arena = _aligned_zeros(self._flat_params.size)
-                    self._stepper.set_buffer(key, arena)
-                    self._state[key] = arena
+                    self._new_state_arena(key)
             k0 = sum(len(g["params"]) for g in self.param_groups[:i])
+            lo, hi = self._lo, self._hi
             for key, arrays in buffers.items():
                 for j, a in enumerate(arrays):
                     off = self._offsets[k0 + j]
-                    self._state[key][off:off + a.size] = a.reshape(-1)
+                    a_lo, a_hi = max(off, lo), min(off + a.size, hi)   # the part held here
+                    if a_lo < a_hi:
+                        self._state[key][a_lo - lo:a_hi - lo] = \
+                            a.reshape(-1)[a_lo - off:a_hi - off]
             self._steps[i] = step
             self._live[i] = set(buffers)
         for group, new in zip(self.param_groups, new_groups):
@@ -373,9 +377,30 @@ class Optimizer:
         lines.append(")")
         return "\n".join(lines)
 
-    # ---- internals -----------------------------------------------------------------------
+    # ---- internals (and the hooks a sharded optimizer overrides) -------------------------
+
+    def _shard(self, total):
+        """The range [lo, hi) of the arena this optimizer updates: all of it."""
+        return 0, total
+
+    def _kernel_grads(self):
+        """The gradients the kernels read for [lo, hi)."""
+        return self._flat_grads[self._lo:self._hi]
+
+    def _run(self, grad_multiplier, zero_grad):
+        self._stepper.run(grad_multiplier, zero_grad)
+
+    def _full_state(self):
+        """State arenas over the whole arena (a sharded optimizer gathers them)."""
+        return self._state
+
+    def _new_state_arena(self, key):
+        arena = _aligned_zeros(self._hi - self._lo)
+        self._stepper.set_buffer(key, arena)
+        self._state[key] = arena
 
     def _collect_state(self, copy):
+        arenas = self._full_state()
         state, k = {}, 0
         for i, group in enumerate(self.param_groups):
             for _ in group["params"]:
@@ -385,7 +410,7 @@ class Optimizer:
                     size = math.prod(shape)
                     for key in self._state_names:
                         if key in self._live[i]:
-                            view = self._state[key][off:off + size].reshape(shape)
+                            view = arenas[key][off:off + size].reshape(shape)
                             entry[key] = view.copy() if copy else view
                     state[k] = entry
                 k += 1

@@ -1,0 +1,188 @@
+"""Cases run under `mpiexec -n 2 python tests/mpi_cases.py CASE` by test_distributed.py.
+
+Each rank prints "PASS <case> rank <r>" when its assertions hold, and exits non-zero otherwise.
+"""
+import os
+import sys
+import tempfile
+
+import numpy as np
+from mpi4py import MPI
+
+import fastopt
+from fastopt.distributed import DataParallel, ZeroRedundancyOptimizer
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+SHAPES = [(40, 9), (9,), (33, 5), (5,), (7,)]
+
+
+def params(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+def groups(ps):
+    return [{"params": ps[:3]}, {"params": ps[3:], "lr": 3e-3, "weight_decay": 0.0}]
+
+
+def grads_of(t, r):
+    """Rank r's gradients at step t (every process can compute every rank's)."""
+    rng = np.random.default_rng(1000 * t + r)
+    return [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+
+
+def averaged(t):
+    """What one process steps with: the average of the ranks' gradients, added in rank order
+    (with 2 ranks one addition, the same as MPI's sum) and halved exactly."""
+    total = grads_of(t, 0)
+    for r in range(1, size):
+        total = [a + b for a, b in zip(total, grads_of(t, r))]
+    return [a * np.float32(1.0 / size) for a in total]
+
+
+def single_process(steps, clip=None, start=None):
+    opt = fastopt.AdamW(groups(params()), amsgrad=True)
+    if start is not None:
+        opt.load(start)
+    for t in range(steps[0], steps[1]):
+        for view, g in zip(opt.grads, averaged(t)):
+            view[...] = g
+        opt.step(max_grad_norm=clip)
+    return opt
+
+
+def feed(opt, t):
+    for view, g in zip(opt.grads, grads_of(t, rank)):
+        view[...] = g
+
+
+def same_on_all_ranks(a):
+    everyone = comm.allgather(a)
+    return all(np.array_equal(x, everyone[0]) for x in everyone)
+
+
+def bitwise(a, b):
+    return np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+def case_data_parallel():
+    own = params(seed=rank)            # rank 1 starts elsewhere: the broadcast must fix it
+    dp = DataParallel(fastopt.AdamW(groups(own), amsgrad=True))
+    assert bitwise(dp.flat_params, fastopt.AdamW(groups(params())).flat_params)
+    for t in range(12):
+        feed(dp, t)
+        dp.step(max_grad_norm=5.0 if t % 2 else None)
+    assert same_on_all_ranks(dp.flat_params)
+    ref = fastopt.AdamW(groups(params()), amsgrad=True)
+    for t in range(12):
+        for view, g in zip(ref.grads, averaged(t)):
+            view[...] = g
+        ref.step(max_grad_norm=5.0 if t % 2 else None)
+    assert bitwise(dp.flat_params, ref.flat_params), "DataParallel != one process"
+    for key in ref._state:
+        assert bitwise(dp._state[key], ref._state[key]), key
+
+
+def case_data_parallel_buckets():
+    a = DataParallel(fastopt.SGD(groups(params()), momentum=0.9), bucket_elements=100)
+    b = DataParallel(fastopt.SGD(groups(params()), momentum=0.9))
+    for t in range(5):
+        feed(a, t)
+        feed(b, t)
+        a.step()
+        b.step()
+    assert bitwise(a.flat_params, b.flat_params)
+
+
+def case_zero():
+    zero = ZeroRedundancyOptimizer(groups(params(seed=rank)), optimizer_class=fastopt.AdamW,
+                                   amsgrad=True)
+    for t in range(12):
+        feed(zero, t)
+        zero.step(zero_grad=True)
+        assert not zero.flat_grads.any()
+    assert same_on_all_ranks(zero.flat_params)
+    ref = single_process((0, 12))
+    assert bitwise(zero.flat_params, ref.flat_params), "ZeRO != one process"
+    sd, ref_sd = zero.state_dict(), ref.state_dict()
+    assert sd["param_groups"] == ref_sd["param_groups"]
+    for i, entry in ref_sd["state"].items():
+        for key, value in entry.items():
+            assert bitwise(sd["state"][i][key], value) if key != "step" else \
+                sd["state"][i][key] == value, (i, key)
+    full = sum(a.nbytes for a in ref._state.values())
+    shares = comm.allgather(zero.state_nbytes)
+    assert sum(shares) == full, (shares, full)
+    assert max(shares) <= full / size + 3 * 64, (shares, full)
+
+
+def case_zero_resume():
+    folder = comm.bcast(tempfile.mkdtemp() if rank == 0 else None)
+    path = os.path.join(folder, "ck.npz")
+    zero = ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.AdamW,
+                                   amsgrad=True)
+    for t in range(6):
+        feed(zero, t)
+        zero.step()
+    zero.save(path)                      # every rank gathers; rank 0 writes
+    for t in range(6, 12):
+        feed(zero, t)
+        zero.step()
+    # the checkpoint resumes on one process ...
+    one = single_process((6, 12), start=path)
+    assert bitwise(one.flat_params, zero.flat_params), "2 ranks -> 1 process"
+    # ... and on 2 ranks again
+    again = ZeroRedundancyOptimizer(groups(params(seed=9)), optimizer_class=fastopt.AdamW,
+                                    amsgrad=True)
+    again.load(path)
+    for t in range(6, 12):
+        feed(again, t)
+        again.step()
+    assert bitwise(again.flat_params, zero.flat_params), "2 ranks -> 2 ranks"
+    # a single-process checkpoint loads into the sharded optimizer
+    comm.Barrier()
+    if rank == 0:
+        single_process((0, 6)).save(path)
+    comm.Barrier()
+    from_one = ZeroRedundancyOptimizer(groups(params(seed=3)), optimizer_class=fastopt.AdamW,
+                                       amsgrad=True)
+    from_one.load(path)
+    for t in range(6, 12):
+        feed(from_one, t)
+        from_one.step()
+    assert bitwise(from_one.flat_params, zero.flat_params), "1 process -> 2 ranks"
+
+
+def case_layout_mismatch():
+    shapes = SHAPES if rank == 0 else SHAPES[:-1]
+    ps = [np.zeros(s, np.float32) for s in shapes]
+    for make in (lambda: DataParallel(fastopt.Adam(ps)),
+                 lambda: ZeroRedundancyOptimizer(ps, optimizer_class=fastopt.Adam)):
+        try:
+            make()
+        except ValueError as e:
+            assert "differs from rank 0's" in str(e), e
+        else:
+            raise AssertionError("a mismatched layout was accepted")
+
+
+def case_size_one():
+    """On a communicator of one rank both wrappers are the plain optimizer."""
+    solo = comm.Split(color=rank, key=0)
+    dp = DataParallel(fastopt.AdamW(groups(params())), comm=solo)
+    zero = ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.AdamW, comm=solo)
+    plain = fastopt.AdamW(groups(params()))
+    for t in range(5):
+        for o in (dp, zero, plain):
+            feed(o, t)
+            o.step()
+    assert bitwise(dp.flat_params, plain.flat_params)
+    assert bitwise(zero.flat_params, plain.flat_params)
+    assert zero.state_nbytes == sum(a.nbytes for a in plain._state.values())
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    globals()["case_" + name]()
+    print(f"PASS {name} rank {rank}", flush=True)
