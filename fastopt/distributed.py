@@ -25,6 +25,7 @@ mpi4py is imported only when a communicator is needed; it is not a dependency of
 core (install the `mpi` extra: mpi4py, and MPICH's wheel for machines without an MPI).
 """
 import hashlib
+import time
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class DataParallel:
     params.  `step()` sums the gradient arena across ranks in place with one Allreduce (or one
     per bucket of `bucket_elements`, to overlap less memory with MPI's internal buffers), then
     runs the fused step with the 1/size averaging folded into its grad_multiplier (no extra
-    pass).  Everything else (params, grads, param_groups, zero_grad, state_dict, ...) is the
+    pass).  `last_step_seconds` splits the last step into {"comm": ..., "compute": ...}.  Everything else (params, grads, param_groups, zero_grad, state_dict, ...) is the
     wrapped optimizer's.  With a communicator of size 1 no collective runs.
     """
 
@@ -113,10 +114,13 @@ class DataParallel:
         size = self.comm.Get_size()
         # validate before the collective, so a bad value fails on every rank alike
         m = _optim.V.real("grad_multiplier", grad_multiplier, lo=0.0)
+        t0 = time.perf_counter()
         self.allreduce_grads()
+        t1 = time.perf_counter()
         if size > 1:
             m = float(np.float32(m) * np.float32(1.0 / size)) if m != 1.0 else 1.0 / size
         result = self.optimizer.step(grad_multiplier=m, **kw)
+        self.last_step_seconds = {"comm": t1 - t0, "compute": time.perf_counter() - t1}
         return loss if closure is not None else result
 
     def save(self, path, scheduler=None):
@@ -141,31 +145,35 @@ class _Zero:
         self._bounds = bounds
         lo, hi = bounds[rank], bounds[rank + 1]
         # the reduced gradients of this shard land here (the full gradient arena keeps this
-        # rank's own, unreduced gradients)
-        self._shard_grads = _optim._aligned_zeros(hi - lo)
+        # rank's own, unreduced gradients); alone, a rank reads its gradients where they are
+        self._shard_grads = _optim._aligned_zeros(hi - lo) if size > 1 else None
         return lo, hi
 
     def _kernel_grads(self):
-        return self._shard_grads
+        return self._shard_grads if self._shard_grads is not None else self._flat_grads
 
     def _run(self, grad_multiplier, zero_grad):
         comm, size = self.comm, self.comm.Get_size()
         MPI = _mpi()
         counts = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
         displs = self._bounds[:-1]
+        t0 = time.perf_counter()
         if size > 1:
             comm.Reduce_scatter([self._flat_grads, MPI.FLOAT], [self._shard_grads, MPI.FLOAT],
                                 recvcounts=counts, op=MPI.SUM)
             m = (float(np.float32(grad_multiplier) * np.float32(1.0 / size))
                  if grad_multiplier != 1.0 else 1.0 / size)
         else:
-            self._shard_grads[...] = self._flat_grads
             m = grad_multiplier
-        self._stepper.run(m, False)
-        if zero_grad:
+        t1 = time.perf_counter()
+        self._stepper.run(m, zero_grad and size == 1)
+        if zero_grad and size > 1:
             self._flat_grads.fill(0.0)
+        t2 = time.perf_counter()
         if size > 1:
             comm.Allgatherv(MPI.IN_PLACE, [self._flat_params, counts, displs, MPI.FLOAT])
+        self.last_step_seconds = {"comm": (t1 - t0) + (time.perf_counter() - t2),
+                                  "compute": t2 - t1}
 
     def _full_state(self):
         """Every state arena gathered to its full length (a collective: all ranks call it)."""
@@ -219,7 +227,8 @@ def ZeroRedundancyOptimizer(params, optimizer_class=None, comm=None, **defaults)
     64-byte-aligned pieces (a param group may span two shards; each shard's kernel call covers
     the groups it overlaps).  `step()` Reduce_scatters the gradient sums into this rank's
     shard, steps that shard with the 1/size average folded into the kernel, and Allgathers
-    the params.  `state_nbytes` is this rank's state.  `state_dict()` and `save()` gather the
+    the params.  `state_nbytes` is this rank's state; `last_step_seconds` splits the last
+    step into {"comm": ..., "compute": ...}.  `state_dict()` and `save()` gather the
     single-process form, so a run resumes on any number of ranks, or on one process.
     `optimizer_class` defaults to fastopt.AdamW; `defaults` are its arguments.
     """

@@ -60,3 +60,17 @@ def test_missing_mpi4py_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpi)
     with pytest.raises(ImportError, match="fastopt.distributed needs mpi4py"):
         distributed.DataParallel(fastopt.SGD([np.ones(3, np.float32)]))
+
+
+def test_readme_example_trains_under_mpiexec(tmp_path):
+    import re
+    with open(os.path.join(HERE, "..", "README.md")) as f:
+        code = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S)
+                if "DataParallel" in b][0]
+    script = tmp_path / "train.py"
+    script.write_text(code)
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script)], capture_output=True,
+                          text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loss = float(proc.stdout.split()[-1])
+    assert loss < 1e-3
