@@ -70,11 +70,8 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     static int fo_omp_max_threads(void) { return omp_get_max_threads(); }
-    static void fo_omp_set_threads(int n) { omp_set_num_threads(n); }
     #else
     static int fo_omp_max_threads(void) { return 1; }
-    static void fo_omp_set_threads(int n) { (void)n; }
     #endif
     """
     int fo_omp_max_threads() nogil
-    void fo_omp_set_threads(int n) nogil

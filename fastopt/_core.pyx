@@ -18,7 +18,7 @@ from fastopt._cfastopt cimport (
     fo_isa_name, fo_have_openmp, fo_compiler, fo_compile_flags, fo_exec, fo_grad_opts, fo_sgd_group, fo_adam_group,
     fo_rmsprop_group, fo_sgd, fo_adam, fo_rmsprop, fo_probe_r4w3, fo_probe_r3w2,
     fo_norm_blocks, fo_grad_norm,
-    fo_omp_max_threads, fo_omp_set_threads,
+    fo_omp_max_threads,
 )
 
 # ---- run-time choices: ISA path and threads ------------------------------------------------
@@ -65,20 +65,41 @@ def compile_flags():
     return fo_compile_flags().decode()
 
 
+def _threads_from_env():
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", "1").split(",")[0])
+    except ValueError:
+        return 1
+    return max(n, 1)
+
+
+# fastopt's own thread setting.  It defaults to one thread unless OMP_NUM_THREADS says
+# otherwise: a training step sits between the model's own (often BLAS-threaded) work, and on
+# a busy or shared machine a parallel region whose second thread is descheduled, or spins
+# against BLAS's threads, stalls for a scheduler time slice (measured here: 7.7 ms for a step
+# that takes 0.16 ms on one thread).  Threads are for those who ask: set_num_threads(n).
+cdef int _num_threads = _threads_from_env()
+
+
 def get_num_threads():
-    """Threads a step may use: OpenMP's setting (OMP_NUM_THREADS, threadpoolctl) or 1."""
-    return fo_omp_max_threads()
+    """Threads a step may use: set_num_threads's value (default: OMP_NUM_THREADS, else 1),
+    capped by OpenMP's own limit, so threadpoolctl's threadpool_limits applies to it; 1
+    without OpenMP."""
+    if not fo_have_openmp():
+        return 1
+    return min(_num_threads, fo_omp_max_threads())
 
 
 def set_num_threads(n):
-    """Let steps use up to n threads (OpenMP's setting, so threadpoolctl sees and sets it)."""
+    """Let steps use up to n threads (OpenMP; capped by OpenMP's limit, see get_num_threads)."""
+    global _num_threads
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if n > 1 and not fo_have_openmp():
         raise ValueError("this build of fastopt has no OpenMP: it runs on one thread")
-    fo_omp_set_threads(n)
+    _num_threads = n
 
 
 def get_min_per_thread():
@@ -95,8 +116,9 @@ def set_min_per_thread(n):
 
 cdef inline fo_exec _exec() noexcept:
     cdef fo_exec ex
+    cdef int cap = fo_omp_max_threads()
     ex.isa = _isa
-    ex.num_threads = fo_omp_max_threads()
+    ex.num_threads = _num_threads if _num_threads < cap else cap
     ex.min_per_thread = _min_per_thread
     return ex
 

@@ -4,7 +4,7 @@ The constructor copies every parameter into one contiguous float32 buffer (the a
 parameter at a 64-byte-aligned offset and each param group one contiguous range of it; the
 gradients and every state buffer are parallel arenas with the same offsets.  `opt.params` and
 `opt.grads` are views into the arenas with the shapes given: model code reads the params and
-writes the gradients through them.  `step()` is one fused kernel call per group.
+writes the gradients through them.  `step()` is one call into C for every group together.
 
 The layout is fixed at construction and the arenas are never reallocated, so the views stay
 valid for the optimizer's life; state buffers are allocated (zeroed) the first time a group

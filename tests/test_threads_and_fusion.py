@@ -80,13 +80,30 @@ def test_thread_count_api():
 
 @needs_openmp
 def test_threadpoolctl_sees_and_limits_the_threads():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl
     before = fastopt.get_num_threads()
-    apis = {info["user_api"] for info in threadpoolctl.threadpool_info()}
-    assert "openmp" in apis
-    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
-        assert fastopt.get_num_threads() == 1
-    assert fastopt.get_num_threads() == before
+    fastopt.set_num_threads(2)
+    try:
+        apis = {info["user_api"] for info in threadpoolctl.threadpool_info()}
+        assert "openmp" in apis
+        assert fastopt.get_num_threads() == 2
+        with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+            assert fastopt.get_num_threads() == 1
+        assert fastopt.get_num_threads() == 2
+    finally:
+        fastopt.set_num_threads(before)
+
+
+def test_one_thread_unless_asked():
+    """The default is one thread (a busy machine stalls parallel regions); OMP_NUM_THREADS or
+    set_num_threads ask for more."""
+    code = "import fastopt; print(fastopt.get_num_threads())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=env, check=True)
+    assert out.stdout.strip() == "1"
 
 
 # ---- zero_grad and grad_multiplier inside the step ---------------------------------------
