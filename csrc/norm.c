@@ -26,6 +26,11 @@ enum { NORM_L2 = 0, NORM_L1 = 1, NORM_INF = 2, NORM_P = 3 };
 /* L2, L1 and max norms of a block in four-double vectors (GCC/Clang vector extensions): each
  * lane is an IEEE double operation, so the sums come out the same whatever the hardware
  * vector width; element i goes to lane i % 16, and the lanes are combined in a fixed tree. */
+#if defined(__GNUC__) && !defined(__clang__)
+/* the 32-byte vector helpers are always inlined, so the ABI note about passing them without
+ * AVX never applies */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef double v4d __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 typedef long long v4l __attribute__((vector_size(32)));
