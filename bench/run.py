@@ -684,11 +684,19 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=None,
                     help=f"seconds per row per case (default {QUICK_TIMING[0]:g}, "
                          f"--full {FULL_TIMING[0]:g})")
+    ap.add_argument("--min-per-thread", type=int, default=None,
+                    help="elements each fastopt thread must get before a step uses another "
+                         f"(default {_core.get_min_per_thread():,}; 1 splits every size, to "
+                         "measure where threads start to pay)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results"),
                     help="directory for the JSON and PNG (default bench/results)")
     args = ap.parse_args(argv)
     wall0 = time.perf_counter()
+    if args.min_per_thread is not None:
+        if args.min_per_thread < 1:
+            ap.error("--min-per-thread must be >= 1")
+        _core.set_min_per_thread(args.min_per_thread)
 
     names = parse_list(args.optimizers, str, "--optimizers")
     for name in names:

@@ -27,8 +27,9 @@ cdef dict _ISA_BY_NAME = {"baseline": FO_ISA_BASELINE, "x86-64-v3": FO_ISA_X86_6
                           "x86-64-v4": FO_ISA_X86_64_V4}
 cdef fo_isa _isa = fo_best_isa()
 
-# Below this many elements per thread a second thread costs more than it brings (measured with
-# bench/run.py on 2 cores: see README, Performance).
+# Below this many elements per thread a step stays on one thread.  On a quiet 2-core machine a
+# second thread gains nothing at 16,000 elements and 1.5x at 32,000 (bench/run.py
+# --min-per-thread 1, see README, Threads and SIMD); the threshold sits a step above that.
 DEFAULT_MIN_PER_THREAD = 1 << 15
 cdef size_t _min_per_thread = DEFAULT_MIN_PER_THREAD
 
@@ -76,8 +77,9 @@ def _threads_from_env():
 # fastopt's own thread setting.  It defaults to one thread unless OMP_NUM_THREADS says
 # otherwise: a training step sits between the model's own (often BLAS-threaded) work, and on
 # a busy or shared machine a parallel region whose second thread is descheduled, or spins
-# against BLAS's threads, stalls for a scheduler time slice (measured here: 7.7 ms for a step
-# that takes 0.16 ms on one thread).  Threads are for those who ask: set_num_threads(n).
+# against BLAS's threads, waits for it (measured here: slower than one thread beside one busy
+# process, and up to 7.7 ms for a 0.16 ms step beside several multithreaded jobs).  Threads
+# are for those who ask: set_num_threads(n).
 cdef int _num_threads = _threads_from_env()
 
 
