@@ -50,15 +50,20 @@ else:
                     "-Wall", "-Wextra", "-Wno-unused-function"] + omp
 
 csrc = sorted(glob.glob(os.path.join("csrc", "*.c")))
+# One file per optimizer family; csrc/step.c lists them from this define, so a family is added
+# by adding its file.
+family_files = sorted(glob.glob(os.path.join("csrc", "families", "*.c")))
+families = [os.path.splitext(os.path.basename(f))[0] for f in family_files]
 extensions = [
     Extension(
         "fastopt._core",
-        sources=[os.path.join("fastopt", "_core.pyx")] + csrc,
+        sources=[os.path.join("fastopt", "_core.pyx")] + csrc + family_files,
         include_dirs=["csrc"],
         extra_compile_args=compile_args,
         extra_link_args=omp,
         libraries=[] if sys.platform == "win32" else ["m"],
-        define_macros=[("FASTOPT_COMPILE_ARGS", '"' + " ".join(compile_args) + '"')],
+        define_macros=[("FASTOPT_COMPILE_ARGS", '"' + " ".join(compile_args) + '"'),
+                       ("FO_FAMILY_LIST", " ".join(f"X({name})" for name in families))],
     )
 ]
 

@@ -1,8 +1,8 @@
 /*
  * fastopt C core: fused, in-place optimizer updates over contiguous float32 buffers.
  *
- * Plain C, no Python API, no allocation, no global state.  Every family has one entry point
- * that updates a list of groups: each group is a range [start, stop) of the same parallel
+ * Plain C, no Python API, no allocation, no global state.  One entry point, fo_step, updates
+ * a list of groups for any family: each group is a range [start, stop) of the same parallel
  * buffers (params, grads, state) with its own hyperparameters, which is how an optimizer's
  * arena is laid out; a single call updates the whole arena, in one parallel region when
  * threads are asked for.  The buffers must not overlap and must hold every range.
@@ -13,7 +13,7 @@
  * adds no fused multiply-add of its own.  Results are bitwise identical on every ISA path and
  * every thread count.
  *
- * The equations each family implements open its .c file.
+ * The equations each family implements open its file in csrc/families/.
  */
 #ifndef FASTOPT_H
 #define FASTOPT_H
@@ -50,7 +50,7 @@ int fo_have_openmp(void);
 const char *fo_compiler(void);
 const char *fo_compile_flags(void);
 
-/* What every family's groups share: a gradient factor and whether to zero the gradient. */
+/* What every group of one call shares: a gradient factor and whether to zero the gradient. */
 typedef struct {
     /* The gradient is multiplied by this first (clipping or loss-scale coefficient); exactly 1
      * changes no bit of the result. */
@@ -59,43 +59,50 @@ typedef struct {
     int zero_grad;
 } fo_grad_opts;
 
+/* One group of a call: a range [start, stop) of the parallel buffers, the 1-based count of
+ * the step being taken (the caller owns the count; C never changes it), and the family's
+ * hyperparameters: a struct of the family's (its fields are listed in fo_family.fields). */
 typedef struct {
-    double lr, momentum, dampening, weight_decay;
-    int nesterov, maximize;
-    /* 1 on the step that creates the momentum buffer: it is set to the gradient, undamped. */
-    int first_step;
-} fo_sgd_hparams;
+    size_t start, stop;
+    int64_t step;
+    const void *hparams;
+} fo_group;
 
+/* One field of a family's hyperparameter struct, so that a caller can lay out the struct by
+ * name (the Python side builds a NumPy structured dtype and checks it against this). */
+typedef enum { FO_F64 = 0, FO_I32 = 1 } fo_field_type;
 typedef struct {
-    double lr, beta1, beta2, eps, weight_decay;
-    int64_t step;          /* 1-based count of the step being taken */
-    int decoupled;         /* 1: AdamW's decoupled weight decay; 0: Adam's L2 term in the gradient */
-    int amsgrad, maximize;
-} fo_adam_hparams;
+    const char *name;
+    size_t offset;
+    fo_field_type type;
+} fo_field;
 
-typedef struct {
-    double lr, alpha, eps, weight_decay, momentum;
-    int centered, maximize;
-} fo_rmsprop_hparams;
+#define FO_MAX_BUFFERS 3
 
-/* Groups: a range of the buffers and its hyperparameters.  Ranges must not overlap. */
-typedef struct { size_t start, stop; fo_grad_opts g; fo_sgd_hparams hp; } fo_sgd_group;
-typedef struct { size_t start, stop; fo_grad_opts g; fo_adam_hparams hp; } fo_adam_group;
-typedef struct { size_t start, stop; fo_grad_opts g; fo_rmsprop_hparams hp; } fo_rmsprop_group;
+/* An optimizer family: its name, hyperparameter struct, state buffers and kernel. */
+typedef struct fo_family {
+    const char *name;
+    size_t hparams_size;
+    const fo_field *fields;
+    size_t nfields;
+    const char *const *buffers;    /* the state buffers' names, in the order fo_step takes them */
+    size_t nbuffers;
+    /* Bit k set: state buffer k is read or written by a group with these hyperparameters. */
+    unsigned (*needs)(const void *hparams);
+    /* internal: one group's range [lo, hi) */
+    void (*range)(const void *call, const void *group, size_t lo, size_t hi);
+} fo_family;
 
-/* momentum_buffer may be NULL when no group has momentum != 0. */
-void fo_sgd(const fo_exec *ex, float *restrict param, float *restrict grad,
-            float *restrict momentum_buffer, const fo_sgd_group *groups, size_t ngroups);
+/* The families this build has (the files in csrc/families/), and one by name (NULL if none). */
+size_t fo_family_count(void);
+const fo_family *fo_family_at(size_t i);
+const fo_family *fo_family_find(const char *name);
 
-/* max_exp_avg_sq may be NULL when no group has amsgrad. */
-void fo_adam(const fo_exec *ex, float *restrict param, float *restrict grad,
-             float *restrict exp_avg, float *restrict exp_avg_sq,
-             float *restrict max_exp_avg_sq, const fo_adam_group *groups, size_t ngroups);
-
-/* momentum_buffer may be NULL when no group has momentum > 0; grad_avg when none is centered. */
-void fo_rmsprop(const fo_exec *ex, float *restrict param, float *restrict grad,
-                float *restrict square_avg, float *restrict momentum_buffer,
-                float *restrict grad_avg, const fo_rmsprop_group *groups, size_t ngroups);
+/* One step of every group, in one parallel region.  `state` holds the family's nbuffers
+ * arenas in order; a buffer may be NULL when no group needs it (fo_family.needs). */
+void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
+             float *const *state, const fo_grad_opts *opts, const fo_group *groups,
+             size_t ngroups);
 
 /* The norm_type-norm of grad (2, 1, INFINITY or any p > 0), accumulated in double and
  * deterministic whatever the threads or ISA; *nonfinite is set to 1 if any element is NaN or

@@ -1,15 +1,21 @@
 /*
- * Internal to csrc/: how each kernel is compiled once per instruction-set path, and how a
- * call's groups are spread over threads.
+ * Internal to csrc/: how a family is declared, how each kernel is compiled once per
+ * instruction-set path, and how a call's groups are spread over threads.
  *
- * A family writes its loop once, as an always-inline body, and instantiates it in a plain
- * function (the baseline) and in functions marked FO_TARGET_X86_64_V3 / _V4.  Inlining the
- * same body into each is what keeps the paths bitwise identical: the arithmetic is the same
- * explicit fmaf / sqrtf / divide sequence, only the vector width differs.  GCC and Clang
- * accept inlining a default-target body into a caller with a wider target.
+ * A family (one file in csrc/families/) writes its equations, its hyperparameter struct, its
+ * per-step scalar preparation and its loop, as an always-inline body; FO_FAMILY then
+ * instantiates the body in a plain function (the baseline) and in functions marked
+ * FO_TARGET_X86_64_V3 / _V4, once per combination of mode bits, and defines the family's
+ * fo_family record.  Inlining the same body into each is what keeps the paths bitwise
+ * identical: the arithmetic is the same explicit fmaf / sqrtf / divide sequence, only the
+ * vector width differs.  GCC and Clang accept inlining a default-target body into a caller
+ * with a wider target.
  */
 #ifndef FASTOPT_INTERNAL_H
 #define FASTOPT_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
 
 #include "fastopt.h"
 
@@ -32,6 +38,113 @@ FO_INLINE float fo_grad_factor(const fo_grad_opts *g, int maximize)
     const float m = fo_f32(g->grad_multiplier);
     return maximize ? -m : m;
 }
+
+/* Mode bits: each family's prepare() returns the bits its body switches on, from FO_MODE(0)
+ * up; the framework adds FO_ZERO_GRAD.  Every combination is its own branch-free loop. */
+#define FO_ZERO_GRAD 1u
+#define FO_MODE(k) (2u << (k))
+
+/* The gradient as a body reads it: times the factor, and zeroed behind it when asked (modes
+ * is a constant in each instantiation, so the test costs nothing). */
+FO_INLINE float fo_read_grad(float *restrict grad, size_t i, float factor, unsigned modes)
+{
+    const float g = grad[i] * factor;
+    if (modes & FO_ZERO_GRAD)
+        grad[i] = 0.0f;
+    return g;
+}
+
+/* What a family's range function is handed: the ISA, the buffers and the call's options. */
+typedef struct {
+    fo_isa isa;
+    float *param, *grad;
+    float *state[FO_MAX_BUFFERS];
+    const fo_grad_opts *opts;
+} fo_call;
+
+/* ---- declaring a family ----------------------------------------------------------------
+ *
+ * In csrc/families/NAME.c, after the equations:
+ *
+ *   #define NAME_FIELDS(X) X(double, lr) X(double, beta1) X(int32_t, maximize) ...
+ *   FO_HPARAMS(NAME, NAME_FIELDS)           -> typedef struct {...} NAME_hparams, field table
+ *   static const char *const NAME_buffers[] = {"exp_avg", ...};
+ *   typedef struct {...} NAME_scalars;      per-step float32 scalars
+ *   static unsigned NAME_prepare(NAME_scalars *s, const NAME_hparams *hp, int64_t step,
+ *                                const fo_grad_opts *o);      -> mode bits (FO_MODE(k))
+ *   static unsigned NAME_needs(const NAME_hparams *hp);       -> bit k: buffer k is used
+ *   FO_INLINE void NAME_body(FO_BODY_ARGS(NAME)) { for (i < n) ... }
+ *   FO_FAMILY(NAME, NMODES)                 NMODES = 2, 4, 8, 16 or 32 (with FO_ZERO_GRAD)
+ *
+ * The body's buffer arguments s0, s1, s2 are the state buffers in NAME_buffers' order
+ * (NULL where unused); `modes` is a compile-time constant in each instantiation.
+ */
+#define FO_FIELD_MEMBER(type, name) type name;
+#define FO_TYPE_double FO_F64
+#define FO_TYPE_int32_t FO_I32
+/* one family per file, so the file's struct can go by one name for the field table */
+#define FO_FIELD_ENTRY(type, name) {#name, offsetof(fo_this_hparams, name), FO_TYPE_##type},
+#define FO_HPARAMS(NAME, FIELDS)                                                          \
+    typedef struct { FIELDS(FO_FIELD_MEMBER) } NAME##_hparams;                            \
+    typedef NAME##_hparams fo_this_hparams;                                               \
+    static const fo_field NAME##_fields[] = { FIELDS(FO_FIELD_ENTRY) };
+
+#define FO_BODY_ARGS(NAME)                                                                \
+    float *restrict param, float *restrict grad, float *restrict s0, float *restrict s1,  \
+    float *restrict s2, size_t n, const NAME##_scalars *s, const unsigned modes
+
+#define FO_CASE_(NAME, m) case m: NAME##_body(param, grad, s0, s1, s2, n, s, m); break;
+#define FO_CASES_2(NAME, b) FO_CASE_(NAME, b) FO_CASE_(NAME, b + 1)
+#define FO_CASES_4(NAME, b) FO_CASES_2(NAME, b) FO_CASES_2(NAME, b + 2)
+#define FO_CASES_8(NAME, b) FO_CASES_4(NAME, b) FO_CASES_4(NAME, b + 4)
+#define FO_CASES_16(NAME, b) FO_CASES_8(NAME, b) FO_CASES_8(NAME, b + 8)
+#define FO_CASES_32(NAME, b) FO_CASES_16(NAME, b) FO_CASES_16(NAME, b + 16)
+#define FO_INST_ARGS(NAME)                                                                \
+    float *restrict param, float *restrict grad, float *restrict s0, float *restrict s1,  \
+    float *restrict s2, size_t n, const NAME##_scalars *s, unsigned modes
+/* modes < NMODES by construction (prepare's bits and FO_ZERO_GRAD) */
+#define FO_SELECT_(NAME, NMODES) switch (modes) { FO_CASES_##NMODES(NAME, 0) default: break; }
+
+#if FO_HAVE_X86_64
+#define FO_ISA_VARIANTS_(NAME, NMODES)                                                    \
+    FO_TARGET_X86_64_V3 static void NAME##_x86_64_v3(FO_INST_ARGS(NAME))                  \
+    { FO_SELECT_(NAME, NMODES) }                                                          \
+    FO_TARGET_X86_64_V4 static void NAME##_x86_64_v4(FO_INST_ARGS(NAME))                  \
+    { FO_SELECT_(NAME, NMODES) }
+#define FO_ISA_DISPATCH_(NAME, isa, ...)                                                  \
+    switch (isa) {                                                                        \
+    case FO_ISA_X86_64_V4: NAME##_x86_64_v4(__VA_ARGS__); return;                         \
+    case FO_ISA_X86_64_V3: NAME##_x86_64_v3(__VA_ARGS__); return;                         \
+    default: NAME##_baseline(__VA_ARGS__); return;                                        \
+    }
+#else
+#define FO_ISA_VARIANTS_(NAME, NMODES)
+#define FO_ISA_DISPATCH_(NAME, isa, ...) NAME##_baseline(__VA_ARGS__);
+#endif
+
+#define FO_FAMILY(NAME, NMODES)                                                           \
+    static void NAME##_baseline(FO_INST_ARGS(NAME)) { FO_SELECT_(NAME, NMODES) }          \
+    FO_ISA_VARIANTS_(NAME, NMODES)                                                        \
+    static void NAME##_range(const void *call, const void *group, size_t lo, size_t hi)    \
+    {                                                                                     \
+        const fo_call *c = call;                                                          \
+        const fo_group *grp = group;                                                      \
+        const NAME##_hparams *hp = grp->hparams;                                          \
+        NAME##_scalars s;                                                                 \
+        const unsigned modes = NAME##_prepare(&s, hp, grp->step, c->opts)                 \
+                               | (c->opts->zero_grad ? FO_ZERO_GRAD : 0u);                \
+        const unsigned used = NAME##_needs(hp);                                           \
+        float *b[FO_MAX_BUFFERS];                                                         \
+        for (int k = 0; k < FO_MAX_BUFFERS; k++)                                          \
+            b[k] = (used >> k & 1u) ? c->state[k] + lo : NULL;                            \
+        FO_ISA_DISPATCH_(NAME, c->isa, c->param + lo, c->grad + lo, b[0], b[1], b[2],     \
+                         hi - lo, &s, modes)                                              \
+    }                                                                                     \
+    static unsigned NAME##_needs_any(const void *hp) { return NAME##_needs(hp); }         \
+    const fo_family fo_family_##NAME = {                                                  \
+        #NAME, sizeof(NAME##_hparams), NAME##_fields,                                     \
+        sizeof NAME##_fields / sizeof NAME##_fields[0], NAME##_buffers,                   \
+        sizeof NAME##_buffers / sizeof NAME##_buffers[0], NAME##_needs_any, NAME##_range};
 
 /* Runs fn(ctx, group, lo, hi) over every group's range, split over up to ex->num_threads
  * threads in one parallel region: the groups' elements, taken end to end, are cut into equal

@@ -7,16 +7,31 @@
     opt.step()                                        # one fused C pass per param group
 
 `fastopt.functional` has the kernels as functions on 1-D arrays; `fastopt.reference` is the
-same API in pure NumPy.
+same API in pure NumPy, and works where the compiled core is not built.
 """
-from fastopt import _core, functional, lr_scheduler
-from fastopt._core import get_num_threads, set_num_threads
-from fastopt.checkpoint import load, save
-from fastopt.clip import clip_grad_norm_, clip_grad_value_
-from fastopt.functional import adam_, rmsprop_, sgd_
-from fastopt.optim import SGD, Adam, AdamW, Optimizer, RMSprop
+from fastopt.families import FAMILIES, OPTIMIZERS
 
 __version__ = "0.1.0"
+
+try:
+    from fastopt import _core
+except ImportError as _e:  # the NumPy twin (fastopt.reference) still works
+    _core_error = _e
+
+    def __getattr__(name):
+        raise ImportError(f"fastopt.{name} needs fastopt's compiled core, which does not import "
+                          f"({_core_error}); fastopt.reference is the same API in NumPy")
+else:
+    from fastopt import functional, lr_scheduler
+    from fastopt._core import get_num_threads, set_num_threads
+    from fastopt.checkpoint import load, save
+    from fastopt.clip import clip_grad_norm_, clip_grad_value_
+    from fastopt.optim import Optimizer
+
+    globals().update({name: getattr(functional, name) for name in functional.__all__})
+    from fastopt import optim as _optim
+    globals().update({name: getattr(_optim, name) for name in OPTIMIZERS})
+    del _optim
 
 
 def build_info():
@@ -30,10 +45,10 @@ def build_info():
         "openmp": _core.have_openmp(),
         "num_threads": _core.get_num_threads(),
         "min_per_thread": _core.get_min_per_thread(),
+        "families": _core.family_names(),
     }
 
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Optimizer", "functional", "lr_scheduler", "sgd_",
-           "adam_",
-           "rmsprop_", "build_info", "get_num_threads", "set_num_threads", "clip_grad_norm_",
-           "clip_grad_value_", "save", "load"]
+__all__ = [*OPTIMIZERS, "Optimizer", "functional", "lr_scheduler",
+           *(name + "_" for name in FAMILIES), "build_info", "get_num_threads",
+           "set_num_threads", "clip_grad_norm_", "clip_grad_value_", "save", "load"]

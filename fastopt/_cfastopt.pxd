@@ -23,42 +23,38 @@ cdef extern from "fastopt.h" nogil:
         double grad_multiplier
         int zero_grad
 
-    ctypedef struct fo_sgd_hparams:
-        double lr, momentum, dampening, weight_decay
-        int nesterov, maximize, first_step
-
-    ctypedef struct fo_adam_hparams:
-        double lr, beta1, beta2, eps, weight_decay
+    ctypedef struct fo_group:
+        size_t start, stop
         int64_t step
-        int decoupled, amsgrad, maximize
+        const void *hparams
 
-    ctypedef struct fo_rmsprop_hparams:
-        double lr, alpha, eps, weight_decay, momentum
-        int centered, maximize
+    ctypedef enum fo_field_type:
+        FO_F64
+        FO_I32
 
-    ctypedef struct fo_sgd_group:
-        size_t start, stop
-        fo_grad_opts g
-        fo_sgd_hparams hp
+    ctypedef struct fo_field:
+        const char *name
+        size_t offset
+        fo_field_type type
 
-    ctypedef struct fo_adam_group:
-        size_t start, stop
-        fo_grad_opts g
-        fo_adam_hparams hp
+    enum: FO_MAX_BUFFERS
 
-    ctypedef struct fo_rmsprop_group:
-        size_t start, stop
-        fo_grad_opts g
-        fo_rmsprop_hparams hp
+    ctypedef struct fo_family:
+        const char *name
+        size_t hparams_size
+        const fo_field *fields
+        size_t nfields
+        const char *const *buffers
+        size_t nbuffers
+        unsigned (*needs)(const void *hparams)
 
-    void fo_sgd(const fo_exec *ex, float *param, float *grad, float *momentum_buffer,
-                const fo_sgd_group *groups, size_t ngroups)
-    void fo_adam(const fo_exec *ex, float *param, float *grad, float *exp_avg,
-                 float *exp_avg_sq, float *max_exp_avg_sq, const fo_adam_group *groups,
+    size_t fo_family_count()
+    const fo_family *fo_family_at(size_t i)
+    const fo_family *fo_family_find(const char *name)
+    void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
+                 float *const *state, const fo_grad_opts *opts, const fo_group *groups,
                  size_t ngroups)
-    void fo_rmsprop(const fo_exec *ex, float *param, float *grad, float *square_avg,
-                    float *momentum_buffer, float *grad_avg, const fo_rmsprop_group *groups,
-                    size_t ngroups)
+
     size_t fo_norm_blocks(size_t n)
     double fo_grad_norm(const fo_exec *ex, const float *grad, size_t n, double norm_type,
                         double *block_sums, int *nonfinite)

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""The C core's Python face: range kernels, the arena Stepper, ISA and thread control.
+"""The C core's Python face: the families' kernel, the arena Stepper, ISA and thread control.
 
 This is the backend behind `fastopt.functional` and the optimizer classes; `fastopt.reference`
 has the same interface in NumPy.  The callers validate hyperparameters and give friendly
@@ -9,15 +9,17 @@ of buffers for overlap, so C never sees a bad pointer, a wrong length or aliasin
 """
 import os
 
+import numpy as np
+
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 
 from fastopt._cfastopt cimport (
     fo_isa, FO_ISA_BASELINE, FO_ISA_X86_64_V3, FO_ISA_X86_64_V4, fo_best_isa, fo_isa_supported,
-    fo_isa_name, fo_have_openmp, fo_compiler, fo_compile_flags, fo_exec, fo_grad_opts, fo_sgd_group, fo_adam_group,
-    fo_rmsprop_group, fo_sgd, fo_adam, fo_rmsprop, fo_probe_r4w3, fo_probe_r3w2,
-    fo_norm_blocks, fo_grad_norm,
+    fo_isa_name, fo_have_openmp, fo_compiler, fo_compile_flags, fo_exec, fo_grad_opts,
+    fo_group, fo_family, fo_field, FO_F64, FO_MAX_BUFFERS, fo_family_count, fo_family_at,
+    fo_family_find, fo_step, fo_probe_r4w3, fo_probe_r3w2, fo_norm_blocks, fo_grad_norm,
     fo_omp_max_threads,
 )
 
@@ -186,297 +188,274 @@ cdef inline fo_grad_opts _grad_opts(double grad_multiplier, bint zero_grad) noex
     return g
 
 
-# ---- range kernels: one group [start, stop) of 1-D buffers (the functional API's backend) ---
+# ---- the families: one generic kernel call and the arena stepper ---------------------------
 
-def sgd(float[::1] param, grad, float[::1] momentum_buffer, Py_ssize_t start, Py_ssize_t stop,
-        double lr, double momentum, double dampening, double weight_decay, bint nesterov,
-        bint maximize, bint first_step, double grad_multiplier=1.0, bint zero_grad=False):
-    cdef fo_sgd_group grp
+# a group's step count must leave room for the step being taken in C's int64_t
+cdef int64_t MAX_STEP = 0x7FFFFFFFFFFFFFFF
+
+
+cdef const fo_family *_family(str name) except NULL:
+    cdef const fo_family *f = fo_family_find(name.encode())
+    if f == NULL:
+        raise ValueError(f"no optimizer family {name!r} in this build")
+    return f
+
+
+def family_layout(str name):
+    """(sizeof the C hyperparameter struct, [(field, offset, 'f8' or 'i4')], [buffers]) of a
+    family, as csrc/ declares it: the Python declaration's dtype must agree."""
+    cdef const fo_family *f = _family(name)
+    cdef size_t k
+    fields = [(f.fields[k].name.decode(), f.fields[k].offset,
+               "f8" if f.fields[k].type == FO_F64 else "i4") for k in range(f.nfields)]
+    buffers = [f.buffers[k].decode() for k in range(f.nbuffers)]
+    return f.hparams_size, fields, buffers
+
+
+def family_names():
+    """The families this build has."""
+    cdef size_t i
+    return [fo_family_at(i).name.decode() for i in range(fo_family_count())]
+
+
+def family_needs(str name, record):
+    """The state buffers (names) a one-element record of the family's dtype makes the C kernel
+    use: the C side of fastopt.families' `needs`, for the tests."""
+    cdef const fo_family *f = _family(name)
+    cdef const unsigned char[::1] raw = _record_bytes(f, record)
+    cdef unsigned used = f.needs(&raw[0])
+    return [f.buffers[k].decode() for k in range(f.nbuffers) if used >> k & 1]
+
+
+cdef object _record_bytes(const fo_family *f, record):
+    raw = record.view("u1").reshape(-1)
+    if raw.shape[0] != f.hparams_size:
+        raise ValueError(f"hyperparameter record of {raw.shape[0]} bytes, {f.name.decode()}'s "
+                         f"struct has {f.hparams_size}")
+    return raw
+
+
+cdef void _check_layout(const fo_family *f, object dtype) except *:
+    """The record dtype must be the C struct: same size, same fields at the same offsets."""
+    cdef size_t k
+    if dtype.itemsize != f.hparams_size or len(dtype.names) != f.nfields:
+        raise ValueError(f"{f.name.decode()}: the hyperparameter dtype ({dtype.itemsize} bytes, "
+                         f"{len(dtype.names)} fields) is not the C struct ({f.hparams_size} "
+                         f"bytes, {f.nfields} fields)")
+    for k in range(f.nfields):
+        name = f.fields[k].name.decode()
+        want = "f8" if f.fields[k].type == FO_F64 else "i4"
+        if dtype.names[k] != name or dtype.fields[name][1] != f.fields[k].offset or \
+                dtype.fields[name][0].str[1:] != want:
+            raise ValueError(f"{f.name.decode()}: field {k} of the hyperparameter dtype is "
+                             f"{dtype.names[k]!r}, C has {name!r} ({want}) at offset "
+                             f"{f.fields[k].offset}")
+
+
+cdef int _pack(const fo_family *f, dict fields, unsigned char *out) except -1:
+    """Write the fields into a C struct of the family's, by name, at C's own offsets."""
+    cdef size_t k
+    for k in range(f.nfields):
+        name = f.fields[k].name.decode()
+        try:
+            value = fields[name]
+        except KeyError:
+            raise ValueError(f"{f.name.decode()}: hyperparameter {name!r} is not given") from None
+        if f.fields[k].type == FO_F64:
+            (<double *>(out + f.fields[k].offset))[0] = value
+        else:
+            (<int32_t *>(out + f.fields[k].offset))[0] = value
+    return 0
+
+
+def kernel(str family, float[::1] param, grad, list state, Py_ssize_t start, Py_ssize_t stop,
+           int64_t step, dict fields, double grad_multiplier=1.0, bint zero_grad=False):
+    """One group [start, stop) of 1-D buffers: the functional API's backend.
+
+    state: the family's buffers in its order (None where unused); fields: the kernel's
+    hyperparameters by name (validated by the caller); step: the 1-based count of the step
+    being taken."""
+    cdef const fo_family *f = _family(family)
+    cdef double storage[64]                 # the struct, 8-byte aligned (checked below)
+    cdef unsigned char *raw = <unsigned char *>storage
+    cdef fo_group grp
+    cdef fo_grad_opts opts
+    cdef float *bufs[FO_MAX_BUFFERS]
+    cdef float[::1] b
     cdef Py_ssize_t n = stop - start, glen
+    cdef size_t k
     cdef list keep = []
     cdef float *g = _grad_ptr(grad, zero_grad, &glen, keep)
-    cdef float *buf = NULL
+    cdef unsigned used
     cdef fo_exec ex = _exec()
-    _check_range("param", param.shape[0], start, stop)
-    _check_range("grad", glen, start, stop)
-    if momentum != 0.0:
-        if momentum_buffer is None:
-            raise ValueError("momentum_buffer is required when momentum != 0")
-        _check_range("momentum_buffer", momentum_buffer.shape[0], start, stop)
-    if n == 0:
-        return
-    names, ptrs = ["param", "grad"], [<uintptr_t>&param[start], <uintptr_t>(g + start)]
-    if momentum != 0.0:
-        buf = &momentum_buffer[0]
-        names.append("momentum_buffer")
-        ptrs.append(<uintptr_t>(buf + start))
-    _check_disjoint(names, ptrs, [n * sizeof(float)] * len(ptrs))
-    grp.start, grp.stop = start, stop
-    grp.g = _grad_opts(grad_multiplier, zero_grad)
-    grp.hp.lr, grp.hp.momentum, grp.hp.dampening = lr, momentum, dampening
-    grp.hp.weight_decay, grp.hp.nesterov, grp.hp.maximize = weight_decay, nesterov, maximize
-    grp.hp.first_step = first_step
-    with nogil:
-        fo_sgd(&ex, &param[0], g, buf, &grp, 1)
-
-
-def adam(float[::1] param, grad, float[::1] exp_avg, float[::1] exp_avg_sq,
-         float[::1] max_exp_avg_sq, Py_ssize_t start, Py_ssize_t stop, int64_t step,
-         double lr, double beta1, double beta2, double eps, double weight_decay,
-         bint decoupled, bint amsgrad, bint maximize, double grad_multiplier=1.0,
-         bint zero_grad=False):
-    cdef fo_adam_group grp
-    cdef Py_ssize_t n = stop - start, glen
-    cdef list keep = []
-    cdef float *g = _grad_ptr(grad, zero_grad, &glen, keep)
-    cdef float *vmax = NULL
-    cdef fo_exec ex = _exec()
+    if f.hparams_size > sizeof(storage):
+        raise ValueError(f"{family}: hyperparameter struct of {f.hparams_size} bytes")
+    _pack(f, fields, raw)
+    used = f.needs(raw)
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
+    if len(state) != f.nbuffers:
+        raise ValueError(f"{family} takes {f.nbuffers} state buffers, got {len(state)}")
     _check_range("param", param.shape[0], start, stop)
     _check_range("grad", glen, start, stop)
-    _check_range("exp_avg", exp_avg.shape[0], start, stop)
-    _check_range("exp_avg_sq", exp_avg_sq.shape[0], start, stop)
-    if amsgrad:
-        if max_exp_avg_sq is None:
-            raise ValueError("max_exp_avg_sq is required when amsgrad=True")
-        _check_range("max_exp_avg_sq", max_exp_avg_sq.shape[0], start, stop)
+    names, ptrs = ["param", "grad"], [<uintptr_t>&param[start] if n else 0,
+                                      <uintptr_t>(g + start) if n else 0]
+    for k in range(FO_MAX_BUFFERS):
+        bufs[k] = NULL
+    for k in range(f.nbuffers):
+        if not used >> k & 1:
+            continue
+        bname = f.buffers[k].decode()
+        if state[k] is None:
+            raise ValueError(f"{bname} is required by the options given")
+        b = state[k]
+        keep.append(b)
+        _check_range(bname, b.shape[0], start, stop)
+        if b.shape[0]:
+            bufs[k] = &b[0]
+            names.append(bname)
+            ptrs.append(<uintptr_t>(bufs[k] + start))
     if n == 0:
         return
-    names = ["param", "grad", "exp_avg", "exp_avg_sq"]
-    ptrs = [<uintptr_t>&param[start], <uintptr_t>(g + start), <uintptr_t>&exp_avg[start],
-            <uintptr_t>&exp_avg_sq[start]]
-    if amsgrad:
-        vmax = &max_exp_avg_sq[0]
-        names.append("max_exp_avg_sq")
-        ptrs.append(<uintptr_t>(vmax + start))
     _check_disjoint(names, ptrs, [n * sizeof(float)] * len(ptrs))
-    grp.start, grp.stop = start, stop
-    grp.g = _grad_opts(grad_multiplier, zero_grad)
-    grp.hp.lr, grp.hp.beta1, grp.hp.beta2, grp.hp.eps = lr, beta1, beta2, eps
-    grp.hp.weight_decay, grp.hp.step, grp.hp.decoupled = weight_decay, step, decoupled
-    grp.hp.amsgrad, grp.hp.maximize = amsgrad, maximize
+    grp.start, grp.stop, grp.step, grp.hparams = start, stop, step, raw
+    opts = _grad_opts(grad_multiplier, zero_grad)
     with nogil:
-        fo_adam(&ex, &param[0], g, &exp_avg[0], &exp_avg_sq[0], vmax, &grp, 1)
-
-
-def rmsprop(float[::1] param, grad, float[::1] square_avg, float[::1] momentum_buffer,
-            float[::1] grad_avg, Py_ssize_t start, Py_ssize_t stop, double lr, double alpha,
-            double eps, double weight_decay, double momentum, bint centered, bint maximize,
-            double grad_multiplier=1.0, bint zero_grad=False):
-    cdef fo_rmsprop_group grp
-    cdef Py_ssize_t n = stop - start, glen
-    cdef list keep = []
-    cdef float *g = _grad_ptr(grad, zero_grad, &glen, keep)
-    cdef float *buf = NULL
-    cdef float *gavg = NULL
-    cdef fo_exec ex = _exec()
-    _check_range("param", param.shape[0], start, stop)
-    _check_range("grad", glen, start, stop)
-    _check_range("square_avg", square_avg.shape[0], start, stop)
-    if momentum > 0.0:
-        if momentum_buffer is None:
-            raise ValueError("momentum_buffer is required when momentum > 0")
-        _check_range("momentum_buffer", momentum_buffer.shape[0], start, stop)
-    if centered:
-        if grad_avg is None:
-            raise ValueError("grad_avg is required when centered=True")
-        _check_range("grad_avg", grad_avg.shape[0], start, stop)
-    if n == 0:
-        return
-    names = ["param", "grad", "square_avg"]
-    ptrs = [<uintptr_t>&param[start], <uintptr_t>(g + start), <uintptr_t>&square_avg[start]]
-    if momentum > 0.0:
-        buf = &momentum_buffer[0]
-        names.append("momentum_buffer")
-        ptrs.append(<uintptr_t>(buf + start))
-    if centered:
-        gavg = &grad_avg[0]
-        names.append("grad_avg")
-        ptrs.append(<uintptr_t>(gavg + start))
-    _check_disjoint(names, ptrs, [n * sizeof(float)] * len(ptrs))
-    grp.start, grp.stop = start, stop
-    grp.g = _grad_opts(grad_multiplier, zero_grad)
-    grp.hp.lr, grp.hp.alpha, grp.hp.eps = lr, alpha, eps
-    grp.hp.weight_decay, grp.hp.momentum = weight_decay, momentum
-    grp.hp.centered, grp.hp.maximize = centered, maximize
-    with nogil:
-        fo_rmsprop(&ex, &param[0], g, &square_avg[0], buf, gavg, &grp, 1)
-
-
-# ---- the arena stepper: every group of an optimizer in one C call --------------------------
-
-cdef enum:
-    SGD = 0
-    ADAM = 1
-    RMSPROP = 2
-
-cdef dict _FAMILY = {"sgd": SGD, "adam": ADAM, "rmsprop": RMSPROP}
-cdef dict _BUFFERS = {"sgd": ("momentum_buffer",),
-                      "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                      "rmsprop": ("square_avg", "momentum_buffer", "grad_avg")}
+        fo_step(f, &ex, &param[0], g, bufs, &opts, &grp, 1)
 
 
 cdef class Stepper:
     """Steps every group of one optimizer's arena with a single C call.
 
-    Stepper(family, param, grad, ranges): `param` and `grad` are the arenas, `ranges` each
-    group's (start, stop), in order and disjoint.  set_buffer(name, arena) adds a state arena;
-    set_group(i, hp, step, first_step) sets a group's hyperparameters (a tuple in the order
-    of fastopt._validate's checks) and counters; run(grad_multiplier, zero_grad) takes one step
-    of every group and advances the counters.  Every pointer handed to C is checked here once:
-    arenas of one length, disjoint; a buffer a group's options need is present.
+    Stepper(family, param, grad, ranges, records): `param` and `grad` are the arenas, `ranges`
+    each group's (start, stop), in order and disjoint, `records` an array of the family's
+    hyperparameter dtype with one element a group (checked against the C struct here; the
+    stepper keeps it and hands C a pointer into it).  set_buffer(name, arena) adds a state
+    arena; set_fields(i, fields) writes group i's hyperparameters by name; run(steps,
+    grad_multiplier, zero_grad) takes one step of every group, group i's step being
+    steps[i] + 1 (the caller owns the counts: nothing here changes them).  Every pointer
+    handed to C is checked here once: arenas of one length, disjoint; a buffer that a group's
+    hyperparameters make the C kernel use (its own `needs`) is present.
     """
-    cdef int family
-    cdef str family_name
+    cdef const fo_family *fam
     cdef Py_ssize_t n, ngroups
     cdef float *param
     cdef float *grad
-    cdef float *bufs[3]       # the family's state arenas, in _BUFFERS order; NULL until set
-    cdef dict arrays          # keeps every arena alive while its pointer is held
-    cdef void *groups
-    cdef bint *ready          # per group: hyperparameters have been set
+    cdef float *bufs[FO_MAX_BUFFERS]   # the family's state arenas, in its order; NULL until set
+    cdef dict arrays                   # keeps every arena alive while its pointer is held
+    cdef object records
+    cdef tuple field_names
+    cdef fo_group *groups
+    cdef unsigned *needs                # per group: the buffers its hyperparameters use
+    cdef bint *ready                    # per group: every field has been set
 
     def __cinit__(self, str family, float[::1] param not None, float[::1] grad not None,
-                  list ranges):
+                  list ranges, records not None):
         cdef Py_ssize_t i, start, stop, prev = 0
-        cdef size_t size
-        if family not in _FAMILY:
-            raise ValueError(f"family must be one of {sorted(_FAMILY)}, got {family!r}")
-        self.family = _FAMILY[family]
-        self.family_name = family
+        cdef unsigned char[::1] raw
+        self.fam = _family(family)
+        _check_layout(self.fam, records.dtype)
         self.n = param.shape[0]
         if grad.shape[0] != self.n:
             raise ValueError("grad arena and param arena differ in length")
         _check_disjoint(["param", "grad"], [_addr(param), _addr(grad)],
                         [self.n * sizeof(float)] * 2)
+        self.ngroups = len(ranges)
+        if records.ndim != 1 or records.shape[0] != self.ngroups or \
+                not records.flags.c_contiguous or not records.flags.writeable:
+            raise ValueError("records must be a writeable contiguous array of one record a group")
+        self.records = records
+        self.field_names = tuple(records.dtype.names)
         self.arrays = {"param": param.base, "grad": grad.base}
         self.param = &param[0] if self.n else NULL
         self.grad = &grad[0] if self.n else NULL
-        self.bufs[0] = self.bufs[1] = self.bufs[2] = NULL
-        self.ngroups = len(ranges)
-        size = (sizeof(fo_sgd_group) if self.family == SGD else
-                sizeof(fo_adam_group) if self.family == ADAM else sizeof(fo_rmsprop_group))
-        self.groups = calloc(max(self.ngroups, 1), size)
+        for i in range(FO_MAX_BUFFERS):
+            self.bufs[i] = NULL
+        self.groups = <fo_group *>calloc(max(self.ngroups, 1), sizeof(fo_group))
+        self.needs = <unsigned *>calloc(max(self.ngroups, 1), sizeof(unsigned))
         self.ready = <bint *>calloc(max(self.ngroups, 1), sizeof(bint))
-        if self.groups == NULL or self.ready == NULL:
+        if self.groups == NULL or self.needs == NULL or self.ready == NULL:
             raise MemoryError()
+        raw = records.view("u1").reshape(-1) if self.ngroups else None
         for i in range(self.ngroups):
             start, stop = ranges[i]
             if start < prev or stop < start or stop > self.n:
                 raise ValueError(f"group range {i} ({start}, {stop}) is out of order or "
                                  f"outside the arena of {self.n}")
             prev = stop
-            self._set_range(i, start, stop)
+            self.groups[i].start = start
+            self.groups[i].stop = stop
+            self.groups[i].hparams = &raw[i * self.fam.hparams_size]
 
     def __dealloc__(self):
         free(self.groups)
+        free(self.needs)
         free(self.ready)
-
-    cdef void _set_range(self, Py_ssize_t i, size_t start, size_t stop) noexcept:
-        if self.family == SGD:
-            (<fo_sgd_group *>self.groups)[i].start = start
-            (<fo_sgd_group *>self.groups)[i].stop = stop
-        elif self.family == ADAM:
-            (<fo_adam_group *>self.groups)[i].start = start
-            (<fo_adam_group *>self.groups)[i].stop = stop
-        else:
-            (<fo_rmsprop_group *>self.groups)[i].start = start
-            (<fo_rmsprop_group *>self.groups)[i].stop = stop
 
     def set_buffer(self, str name, float[::1] arena not None):
         """Add the state arena `name` (same length as the params, overlapping nothing)."""
-        names = _BUFFERS[self.family_name]
-        if name not in names:
-            raise ValueError(f"{self.family_name} has no state buffer {name!r}")
+        cdef size_t k, slot = self.fam.nbuffers
+        for k in range(self.fam.nbuffers):
+            if self.fam.buffers[k].decode() == name:
+                slot = k
+        if slot == self.fam.nbuffers:
+            raise ValueError(f"{self.fam.name.decode()} has no state buffer {name!r}")
         if arena.shape[0] != self.n:
             raise ValueError(f"{name} has length {arena.shape[0]}, the arena {self.n}")
-        slot = names.index(name)
         others = [("param", <uintptr_t>self.param), ("grad", <uintptr_t>self.grad)]
-        for k in range(len(names)):
+        for k in range(self.fam.nbuffers):
             if k != slot and self.bufs[k] != NULL:
-                others.append((names[k], <uintptr_t>self.bufs[k]))
-        _check_disjoint([name] + [k for k, _ in others], [_addr(arena)] + [p for _, p in others],
+                others.append((self.fam.buffers[k].decode(), <uintptr_t>self.bufs[k]))
+        _check_disjoint([name] + [o for o, _ in others], [_addr(arena)] + [p for _, p in others],
                         [self.n * sizeof(float)] * (1 + len(others)))
         self.arrays[name] = arena.base
         self.bufs[slot] = &arena[0] if self.n else NULL
 
-    def set_group(self, Py_ssize_t i, tuple hp, int64_t step=0, bint first_step=False):
-        """Hyperparameters of group i (validated by the caller) and its step counter."""
+    def set_fields(self, Py_ssize_t i, fields):
+        """Write group i's hyperparameters by name (validated by the caller); the first call
+        for a group must give every field."""
         if i < 0 or i >= self.ngroups:
             raise IndexError(f"group {i} of {self.ngroups}")
-        cdef fo_sgd_group *s
-        cdef fo_adam_group *a
-        cdef fo_rmsprop_group *r
-        if self.family == SGD:
-            s = &(<fo_sgd_group *>self.groups)[i]
-            (s.hp.lr, s.hp.momentum, s.hp.dampening, s.hp.weight_decay, s.hp.nesterov,
-             s.hp.maximize) = hp
-            s.hp.first_step = first_step
-        elif self.family == ADAM:
-            a = &(<fo_adam_group *>self.groups)[i]
-            (a.hp.lr, a.hp.beta1, a.hp.beta2, a.hp.eps, a.hp.weight_decay, a.hp.decoupled,
-             a.hp.amsgrad, a.hp.maximize) = hp
-            a.hp.step = step
-        else:
-            r = &(<fo_rmsprop_group *>self.groups)[i]
-            (r.hp.lr, r.hp.alpha, r.hp.eps, r.hp.weight_decay, r.hp.momentum, r.hp.centered,
-             r.hp.maximize) = hp
+        if not self.ready[i]:
+            missing = [k for k in self.field_names if k not in fields]
+            if missing:
+                raise ValueError(f"group {i}: fields {missing} are not set")
+        rec = self.records[i:i + 1]
+        for key, value in fields.items():
+            rec[key] = value
+        self.needs[i] = self.fam.needs(self.groups[i].hparams)
         self.ready[i] = True
 
-    def get_step(self, Py_ssize_t i):
-        """Adam's step count of group i (the last step taken)."""
-        if i < 0 or i >= self.ngroups:
-            raise IndexError(f"group {i} of {self.ngroups}")
-        if self.family == ADAM:
-            return (<fo_adam_group *>self.groups)[i].hp.step
-        return 0
-
-    def run(self, double grad_multiplier=1.0, bint zero_grad=False):
-        """One step of every group: Adam's counters advance first, SGD's first step ends."""
+    def run(self, list steps, double grad_multiplier=1.0, bint zero_grad=False):
+        """One step of every group; group i takes step steps[i] + 1."""
         cdef Py_ssize_t i
+        cdef size_t k
         cdef fo_exec ex = _exec()
-        cdef fo_grad_opts g = _grad_opts(grad_multiplier, zero_grad)
-        cdef fo_sgd_group *s = <fo_sgd_group *>self.groups
-        cdef fo_adam_group *a = <fo_adam_group *>self.groups
-        cdef fo_rmsprop_group *r = <fo_rmsprop_group *>self.groups
-        cdef float *b0 = self.bufs[0]
-        cdef float *b1 = self.bufs[1]
-        cdef float *b2 = self.bufs[2]
-        if self.n == 0:
-            return
+        cdef fo_grad_opts opts = _grad_opts(grad_multiplier, zero_grad)
+        cdef int64_t taken
+        cdef unsigned present = 0
+        if len(steps) != self.ngroups:
+            raise ValueError(f"{len(steps)} step counts for {self.ngroups} groups")
+        for k in range(self.fam.nbuffers):
+            if self.bufs[k] != NULL or self.n == 0:
+                present |= 1u << k
         for i in range(self.ngroups):           # check everything before changing anything
             if not self.ready[i]:
                 raise RuntimeError(f"group {i} has no hyperparameters set")
-            if self.family == SGD:
-                if s[i].hp.momentum != 0.0 and b0 == NULL:
-                    raise ValueError("momentum_buffer is required when momentum != 0")
-            elif self.family == ADAM:
-                if b0 == NULL or b1 == NULL or (a[i].hp.amsgrad and b2 == NULL):
-                    raise ValueError("exp_avg, exp_avg_sq (and max_exp_avg_sq with amsgrad) "
-                                     "are required")
-            else:
-                if b0 == NULL or (r[i].hp.momentum > 0.0 and b1 == NULL) or \
-                        (r[i].hp.centered and b2 == NULL):
-                    raise ValueError("square_avg (and momentum_buffer with momentum, grad_avg "
-                                     "when centered) are required")
-        for i in range(self.ngroups):
-            if self.family == SGD:
-                s[i].g = g
-            elif self.family == ADAM:
-                a[i].g = g
-                a[i].hp.step += 1
-            else:
-                r[i].g = g
+            if self.needs[i] & ~present:
+                missing = [self.fam.buffers[k].decode() for k in range(self.fam.nbuffers)
+                           if self.needs[i] & ~present >> k & 1]
+                raise ValueError(f"{missing} required by group {i}'s hyperparameters")
+            taken = steps[i]
+            if taken < 0 or taken >= MAX_STEP:
+                raise ValueError(f"group {i} has taken {taken} steps: the count must stay "
+                                 f"below 2**63 - 1")
+            self.groups[i].step = taken + 1
+        if self.n == 0:
+            return
         with nogil:
-            if self.family == SGD:
-                fo_sgd(&ex, self.param, self.grad, b0, s, self.ngroups)
-                for i in range(self.ngroups):
-                    s[i].hp.first_step = 0
-            elif self.family == ADAM:
-                fo_adam(&ex, self.param, self.grad, b0, b1, b2, a, self.ngroups)
-            else:
-                fo_rmsprop(&ex, self.param, self.grad, b0, b1, b2, r, self.ngroups)
+            fo_step(self.fam, &ex, self.param, self.grad, self.bufs, &opts, self.groups,
+                    self.ngroups)
 
 
 # ---- gradient norm ----------------------------------------------------------------------------

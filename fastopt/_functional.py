@@ -1,81 +1,64 @@
-"""The functional API, built once per backend (fastopt._core or the NumPy reference).
+"""The functional API, built from the family declarations for a backend (fastopt._core or
+the NumPy reference).
 
-Both backends get the same signatures, the same checks and the same messages; only the range
-kernel they end in differs.  Beyond torch's arguments, every kernel takes grad_multiplier (the
-gradient is multiplied by it first, in the same pass: a clipping coefficient or 1/loss_scale;
-exactly 1 changes nothing) and zero_grad (write zeros into the gradient in the same pass that
-reads it; the gradient must then be writeable).
+Both backends get the same signatures, the same checks and the same messages; only the kernel
+they end in differs.  `<family>_(param, grad, <state buffers>, *, step, <hyperparameters>,
+grad_multiplier=1.0, zero_grad=False)`: the buffers in the family's order (those that only
+some options use default to None), the hyperparameters as the kernel names them, with their
+defaults.  Beyond torch's arguments, every kernel takes grad_multiplier (the gradient is
+multiplied by it first, in the same pass: a clipping coefficient or 1/loss_scale; exactly 1
+changes nothing) and zero_grad (write zeros into the gradient in the same pass that reads it;
+the gradient must then be writeable).
 """
 from fastopt import _validate as V
 
 
-def make(backend):
-    """-> (sgd_, adam_, rmsprop_) calling `backend`'s range kernels."""
+def make(backend, fam):
+    """-> fam's functional entry point on `backend` (a function with an exact signature)."""
+    defaults = {f.name: f.default for f in fam.user_fields}
+    always = fam.required(fam.check_fields(defaults))
+    bufs = [b.name for b in fam.buffers]
+    optional_seen = False
+    parts = ["param", "grad"]
+    for b in bufs:
+        if b in always:
+            assert not optional_seen, f"{fam.name}: buffers used always must come first"
+            parts.append(b)
+        else:
+            optional_seen = True
+            parts.append(f"{b}=None")
+    parts.append("*")
+    parts.append("step")
+    parts += [f"{f.name}=_defaults[{f.name!r}]" for f in fam.user_fields]
+    parts += ["grad_multiplier=1.0", "zero_grad=False"]
+    name = fam.name + "_"
+    src = (f"def {name}({', '.join(parts)}):\n"
+           f"    return _call(param, grad, ({', '.join(bufs)},), step, "
+           f"{{{', '.join(f'{f.name!r}: {f.name}' for f in fam.user_fields)}}}, "
+           "grad_multiplier, zero_grad)\n")
+    when = {b.name: b.when or "the options given" for b in fam.buffers}
+    kernel, family, per_step = backend.kernel, fam.name, fam.per_step
 
-    def sgd_(param, grad, momentum_buffer=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
-             weight_decay=0.0, nesterov=False, maximize=False, grad_multiplier=1.0,
-             zero_grad=False):
-        """One in-place SGD step (torch.optim.SGD's math; see fastopt.SGD).
-
-        param, grad, momentum_buffer: 1-D C-contiguous float32 arrays of one length; param and
-        momentum_buffer are updated in place (grad may be read-only), and the buffer is needed
-        when momentum != 0.  step: the 1-based count of this step; on step 1 the momentum
-        buffer is set to the gradient (torch's first step), whatever it held.  Returns None.
-        """
-        hp = V.sgd_hparams(lr, momentum, dampening, weight_decay, nesterov, maximize)
+    def _call(param, grad, state, step, values, grad_multiplier, zero_grad):
+        fields = fam.check_fields(values)
         step = V.step(step)
-        gm, zg = V.grad_options(grad_multiplier, zero_grad)
-        uses_buf = hp[1] != 0.0
-        n = V.buffers([("param", param, True), ("grad", grad, zg),
-                       ("momentum_buffer", momentum_buffer, uses_buf)],
-                      {"momentum_buffer": "momentum != 0"} if uses_buf else {})
-        backend.sgd(param, grad, momentum_buffer if uses_buf else None, 0, n, *hp, step == 1,
-                    gm, zg)
+        if grad_multiplier != 1.0 or zero_grad is not False:
+            grad_multiplier, zero_grad = V.grad_options(grad_multiplier, zero_grad)
+        used = fam.needs(fields)
+        n = V.buffers([("param", param, True), ("grad", grad, zero_grad)]
+                      + [(b, a, b in used) for b, a in zip(bufs, state)],
+                      {b: when[b] for b in used})
+        if per_step is not None:
+            # the functional count starts every buffer on step 1 (SGD's first momentum step)
+            fields.update(per_step(fields, step, bufs if step == 1 else (), {}))
+        kernel(family, param, grad, [a if b in used else None for b, a in zip(bufs, state)],
+               0, n, step, fields, grad_multiplier, zero_grad)
 
-    def adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
-              beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False,
-              amsgrad=False, maximize=False, grad_multiplier=1.0, zero_grad=False):
-        """One in-place Adam step; decoupled=True is AdamW (see fastopt.Adam for the math).
-
-        All arrays: 1-D C-contiguous float32 of one length; all but grad are updated in place
-        (grad may be read-only); max_exp_avg_sq is needed when amsgrad=True.  step: the
-        1-based count of this step (the bias corrections use it).  Returns None.
-        """
-        hp = V.adam_hparams(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)
-        step = V.step(step)
-        gm, zg = V.grad_options(grad_multiplier, zero_grad)
-        amsgrad = hp[6]
-        n = V.buffers([("param", param, True), ("grad", grad, zg), ("exp_avg", exp_avg, True),
-                       ("exp_avg_sq", exp_avg_sq, True),
-                       ("max_exp_avg_sq", max_exp_avg_sq, amsgrad)],
-                      {"max_exp_avg_sq": "amsgrad=True"} if amsgrad else {})
-        backend.adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None,
-                     0, n, step, *hp, gm, zg)
-
-    def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step,
-                 lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
-                 maximize=False, grad_multiplier=1.0, zero_grad=False):
-        """One in-place RMSprop step (torch.optim.RMSprop's math; see fastopt.RMSprop).
-
-        All arrays: 1-D C-contiguous float32 of one length; all but grad are updated in place
-        (grad may be read-only); momentum_buffer is needed when momentum > 0 and grad_avg when
-        centered=True.  step: the 1-based count of this step (checked; RMSprop's math does not
-        use it).  Returns None.
-        """
-        hp = V.rmsprop_hparams(lr, alpha, eps, weight_decay, momentum, centered, maximize)
-        V.step(step)
-        gm, zg = V.grad_options(grad_multiplier, zero_grad)
-        uses_buf, centered = hp[4] > 0.0, hp[5]
-        required = {}
-        if uses_buf:
-            required["momentum_buffer"] = "momentum > 0"
-        if centered:
-            required["grad_avg"] = "centered=True"
-        n = V.buffers([("param", param, True), ("grad", grad, zg),
-                       ("square_avg", square_avg, True),
-                       ("momentum_buffer", momentum_buffer, uses_buf),
-                       ("grad_avg", grad_avg, centered)], required)
-        backend.rmsprop(param, grad, square_avg, momentum_buffer if uses_buf else None,
-                        grad_avg if centered else None, 0, n, *hp, gm, zg)
-
-    return sgd_, adam_, rmsprop_
+    namespace = {"_call": _call, "_defaults": defaults}
+    exec(src, namespace)
+    fn = namespace[name]
+    fn.__doc__ = (f"One in-place {fam.name} step on 1-D C-contiguous float32 arrays of one "
+                  "length (see the class of the same family for the math); the state buffers "
+                  "are updated in place, grad is only read (unless zero_grad=True). step: the "
+                  "1-based count of the step being taken.  Returns None.")
+    return fn

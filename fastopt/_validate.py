@@ -10,8 +10,6 @@ import numbers
 
 import numpy as np
 
-from fastopt import _core
-
 try:  # NumPy >= 2
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
 except ImportError:  # pragma: no cover - NumPy 1.x
@@ -56,51 +54,15 @@ def step(x, name="step"):
     return x
 
 
-def betas(x, name="betas"):
+def pair(x, name):
+    """Two values, (a, b) or [a, b] (checked by the caller)."""
+    if isinstance(x, (str, bytes, np.ndarray)):
+        raise TypeError(f"{name} must be a pair, got {x!r}")
     try:
-        b1, b2 = x
+        a, b = x
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a pair (beta1, beta2), got {x!r}") from None
-    return (real(f"{name}[0]", b1, lo=0.0, hi=1.0, hi_open=True),
-            real(f"{name}[1]", b2, lo=0.0, hi=1.0, hi_open=True))
-
-
-# ---- hyperparameters of each family, in the order the range kernels take them ----
-
-def sgd_hparams(lr, momentum, dampening, weight_decay, nesterov, maximize, prefix=""):
-    lr = real(prefix + "lr", lr, lo=0.0)
-    momentum = real(prefix + "momentum", momentum, lo=0.0)
-    dampening = real(prefix + "dampening", dampening, lo=0.0, hi=1.0)
-    weight_decay = real(prefix + "weight_decay", weight_decay, lo=0.0)
-    nesterov = flag(prefix + "nesterov", nesterov)
-    maximize = flag(prefix + "maximize", maximize)
-    if nesterov and (momentum <= 0.0 or dampening != 0.0):
-        raise ValueError(f"{prefix}nesterov requires a momentum > 0 and zero dampening, got "
-                         f"momentum={momentum!r}, dampening={dampening!r}")
-    return lr, momentum, dampening, weight_decay, nesterov, maximize
-
-
-def adam_hparams(lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, prefix=""):
-    lr = real(prefix + "lr", lr, lo=0.0)
-    beta1 = real(prefix + "beta1", beta1, lo=0.0, hi=1.0, hi_open=True)
-    beta2 = real(prefix + "beta2", beta2, lo=0.0, hi=1.0, hi_open=True)
-    eps = real(prefix + "eps", eps, lo=0.0, lo_open=True)
-    weight_decay = real(prefix + "weight_decay", weight_decay, lo=0.0)
-    decoupled = flag(prefix + "decoupled", decoupled)
-    amsgrad = flag(prefix + "amsgrad", amsgrad)
-    maximize = flag(prefix + "maximize", maximize)
-    return lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize
-
-
-def rmsprop_hparams(lr, alpha, eps, weight_decay, momentum, centered, maximize, prefix=""):
-    lr = real(prefix + "lr", lr, lo=0.0)
-    alpha = real(prefix + "alpha", alpha, lo=0.0, hi=1.0)
-    eps = real(prefix + "eps", eps, lo=0.0, lo_open=True)
-    weight_decay = real(prefix + "weight_decay", weight_decay, lo=0.0)
-    momentum = real(prefix + "momentum", momentum, lo=0.0)
-    centered = flag(prefix + "centered", centered)
-    maximize = flag(prefix + "maximize", maximize)
-    return lr, alpha, eps, weight_decay, momentum, centered, maximize
+        raise TypeError(f"{name} must be a pair, got {x!r}") from None
+    return a, b
 
 
 def grad_options(grad_multiplier, zero_grad):
@@ -147,10 +109,23 @@ def buffers(named, required):
         elif a.shape[0] != n:
             raise ValueError(f"{name} has length {a.shape[0]}, but param has length {n}")
         if n:
-            lo = _core.address(a)                       # 1-D and contiguous: [lo, lo + nbytes)
+            lo = _address(a)                            # 1-D and contiguous: [lo, lo + nbytes)
             spans.append((lo, lo + a.nbytes, name))
     disjoint(spans)
     return n
+
+
+def _address(a):
+    """The address of a 1-D contiguous array's first byte: the C module's fast reader when it
+    is built (ndarray.__array_interface__ costs microseconds), else NumPy's."""
+    global _address
+    try:
+        from fastopt._core import address
+    except ImportError:
+        def address(a):
+            return a.__array_interface__["data"][0]
+    _address = address
+    return address(a)
 
 
 def disjoint(spans):

@@ -35,11 +35,14 @@ def save(path, optimizer, scheduler=None):
     meta = {
         "class": _kind(optimizer),
         "param_groups": sd["param_groups"],
-        "shapes": [list(p.shape) for p in optimizer._param_views],
-        "names": optimizer._names,
-        "steps": list(optimizer._steps),
-        "state_keys": {str(k): sorted(key for key in v if key != "step")
+        "shapes": [list(s) for s in optimizer.layout.shapes],
+        "names": optimizer.layout.names,
+        "steps": optimizer.step_counts,
+        "state_keys": {str(k): sorted(key for key, x in v.items() if isinstance(x, np.ndarray))
                        for k, v in sd["state"].items()},
+        "counters": {str(k): {key: x for key, x in v.items()
+                              if key != "step" and not isinstance(x, np.ndarray)}
+                     for k, v in sd["state"].items()},
         "skipped_steps": optimizer.skipped_steps,
         "scheduler": None if scheduler is None else {
             "class": type(scheduler).__name__, "state": scheduler.state_dict()},
@@ -50,14 +53,14 @@ def save(path, optimizer, scheduler=None):
         raise ValueError(f"checkpoint: cannot store the hyperparameters or scheduler state as "
                          f"JSON ({e})") from None
     arrays = {"format_version": np.array(FORMAT_VERSION, np.int64), "meta": np.array(text)}
-    for i, p in enumerate(optimizer._param_views):
+    for i, p in enumerate(optimizer.layout.params):
         arrays[f"param/{i}"] = p
     for i, entry in sd["state"].items():
         for key, value in entry.items():
-            if key != "step":
+            if isinstance(value, np.ndarray):
                 arrays[f"state/{i}/{key}"] = value
 
-    if not getattr(optimizer, "_writes_checkpoints", True):
+    if not getattr(optimizer, "writes_checkpoints", True):
         return      # a sharded optimizer's other ranks: rank 0 writes what all gathered
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".fastopt-", suffix=".npz.tmp", dir=folder)
@@ -96,15 +99,16 @@ def load(path, optimizer, scheduler=None):
         raise ValueError(f"{where} holds a {meta.get('class')!r} optimizer, not a "
                          f"{_kind(optimizer)}")
 
-    shapes = [tuple(p.shape) for p in optimizer._param_views]
+    layout = optimizer.layout
+    shapes = [tuple(s) for s in layout.shapes]
     saved_shapes = meta.get("shapes")
     if not isinstance(saved_shapes, list) or [tuple(s) for s in saved_shapes
                                                if isinstance(s, list)] != shapes:
         raise ValueError(f"{where}: parameter shapes {saved_shapes} do not match the "
                          f"optimizer's {[list(s) for s in shapes]}")
-    if meta.get("names") != optimizer._names:
+    if meta.get("names") != layout.names:
         raise ValueError(f"{where}: parameter names {meta.get('names')} do not match the "
-                         f"optimizer's {optimizer._names}")
+                         f"optimizer's {layout.names}")
     params = []
     for i, shape in enumerate(shapes):
         a = _member(arrays, f"param/{i}", where)
@@ -119,6 +123,9 @@ def load(path, optimizer, scheduler=None):
     state_keys = meta.get("state_keys")
     if not isinstance(state_keys, dict):
         raise ValueError(f"{where}: no state_keys table")
+    counters = meta.get("counters", {})
+    if not isinstance(counters, dict):
+        raise ValueError(f"{where}: bad counters table")
     state = {}
     owner = _group_of_each_param(meta.get("param_groups"), where)
     for k, keys in state_keys.items():
@@ -127,26 +134,30 @@ def load(path, optimizer, scheduler=None):
             raise ValueError(f"{where}: bad state_keys entry {k!r}: {keys!r}")
         i = int(k)
         entry = {key: _member(arrays, f"state/{i}/{key}", where) for key in keys}
-        if optimizer._has_step:
+        if optimizer.family.has_step:
             entry["step"] = steps[owner.get(i, 0)]
+        extra = counters.get(k, {})
+        if not isinstance(extra, dict) or set(extra) & set(entry):
+            raise ValueError(f"{where}: bad counters entry {k!r}: {extra!r}")
+        entry.update(extra)
         state[i] = entry
     expected = {"format_version", "meta"} | {f"param/{i}" for i in range(len(shapes))} | {
-        f"state/{i}/{key}" for i, entry in state.items() for key in entry if key != "step"}
-    extra = sorted(set(arrays) - expected)
-    if extra:
-        raise ValueError(f"{where}: unexpected members {extra[:5]}")
+        f"state/{i}/{key}" for i, keys in state_keys.items() for key in keys}
+    unexpected = sorted(set(arrays) - expected)
+    if unexpected:
+        raise ValueError(f"{where}: unexpected members {unexpected[:5]}")
     skipped = meta.get("skipped_steps", 0)
     if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
         raise ValueError(f"{where}: bad skipped_steps {skipped!r}")
 
     # The optimizer's own checks of structure, hyperparameters, keys, shapes and dtypes.
     try:
-        new_groups, new_state = optimizer._check_state_dict(
+        new_state = optimizer.check_state_dict(
             {"state": state, "param_groups": meta.get("param_groups")})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
-    for i, (group_step, buffers) in enumerate(new_state):
-        if buffers and optimizer._has_step and group_step != steps[i]:
+    for i, gs in enumerate(new_state):
+        if gs.buffers and optimizer.family.has_step and gs.step != steps[i]:
             raise ValueError(f"{where}: step counts disagree for group {i}")
 
     sched_meta = meta.get("scheduler")
@@ -160,20 +171,18 @@ def load(path, optimizer, scheduler=None):
         _check_scheduler_state(scheduler, sched_meta.get("state"), where)
 
     # Everything is checked: now change the live objects.
-    for view, a in zip(optimizer._param_views, params):
+    for view, a in zip(layout.params, params):
         view[...] = a
-    optimizer._apply_state_dict(new_groups, new_state)
-    for i, s in enumerate(steps):
-        optimizer._steps[i] = s
+    optimizer.apply_state(new_state, steps)
     optimizer.skipped_steps = skipped
     if scheduler is not None:
         scheduler.load_state_dict(sched_meta["state"])
 
 
 def _kind(optimizer):
-    """The optimizer's family name in the file: a sharded AdamW is stored as an AdamW, so a
-    checkpoint moves between sharded, replicated and single-process runs."""
-    return getattr(type(optimizer), "_checkpoint_name", None) or type(optimizer).__name__
+    """The optimizer's class name in the file (its declaration's, so a sharded AdamW is stored
+    as an AdamW, and a checkpoint moves between sharded, replicated and single-process runs)."""
+    return optimizer.spec.name
 
 
 # ---- reading, with every failure turned into a ValueError that says what -----------------

@@ -29,9 +29,9 @@ import time
 
 import numpy as np
 
-from fastopt import optim as _optim
-
-_ALIGN = _optim.ALIGN_BYTES // 4
+from fastopt import _validate as V
+from fastopt._arena import aligned_zeros
+from fastopt._optimizer import Optimizer
 
 
 def _world(comm):
@@ -54,7 +54,7 @@ def check_same_layout(comm, opt, what):
     """One small collective: every rank's arena layout must be rank 0's, or every rank raises
     the same ValueError (no rank is left waiting in a later collective)."""
     groups = [[list(np.shape(p)) for p in g["params"]] for g in opt.param_groups]
-    desc = repr((_kind(opt), opt.flat_params.size, groups, opt._names))
+    desc = repr((_kind(opt), opt.flat_params.size, groups, opt.layout.names))
     digest = hashlib.sha256(desc.encode()).hexdigest()
     digests = comm.allgather(digest)
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
@@ -65,7 +65,7 @@ def check_same_layout(comm, opt, what):
 
 
 def _kind(opt):
-    return getattr(type(opt), "_checkpoint_name", None) or type(opt).__name__
+    return opt.spec.name
 
 
 class DataParallel:
@@ -81,7 +81,7 @@ class DataParallel:
     """
 
     def __init__(self, opt, comm=None, bucket_elements=None):
-        if not isinstance(opt, _optim.Optimizer):
+        if not isinstance(opt, Optimizer):
             raise TypeError(f"opt must be a fastopt optimizer, got {type(opt).__name__}")
         if bucket_elements is not None and (isinstance(bucket_elements, bool) or
                                             not isinstance(bucket_elements, int) or
@@ -113,7 +113,7 @@ class DataParallel:
         loss = closure() if closure is not None else None
         size = self.comm.Get_size()
         # validate before the collective, so a bad value fails on every rank alike
-        m = _optim.V.real("grad_multiplier", grad_multiplier, lo=0.0)
+        m = V.real("grad_multiplier", grad_multiplier, lo=0.0)
         t0 = time.perf_counter()
         self.allreduce_grads()
         t1 = time.perf_counter()
@@ -136,21 +136,25 @@ class DataParallel:
 class _Zero:
     """The sharding part of ZeroRedundancyOptimizer, mixed into an optimizer class."""
 
-    def _shard(self, total):
+    def __init__(self, params, comm=None, **defaults):
+        self.comm = comm = _world(comm)
+        self.writes_checkpoints = comm.Get_rank() == 0
+        super().__init__(params, **defaults)
+        if comm.Get_size() > 1:
+            check_same_layout(comm, self, "ZeroRedundancyOptimizer")
+            comm.Bcast(self.flat_params, root=0)
+
+    def _shard_range(self, arena):
         size, rank = self.comm.Get_size(), self.comm.Get_rank()
-        per = -(-total // size)                          # ceil(total / size) ...
-        chunk = -(-per // _ALIGN) * _ALIGN               # ... in whole 64-byte lines
-        bounds = [min(r * chunk, total) for r in range(size + 1)]
-        bounds[-1] = total
-        self._bounds = bounds
+        self._bounds = bounds = arena.shard(size, rank)
         lo, hi = bounds[rank], bounds[rank + 1]
         # the reduced gradients of this shard land here (the full gradient arena keeps this
         # rank's own, unreduced gradients); alone, a rank reads its gradients where they are
-        self._shard_grads = _optim._aligned_zeros(hi - lo) if size > 1 else None
+        self._shard_grads = aligned_zeros(hi - lo) if size > 1 else None
         return lo, hi
 
     def _kernel_grads(self):
-        return self._shard_grads if self._shard_grads is not None else self._flat_grads
+        return self._shard_grads if self._shard_grads is not None else self.flat_grads
 
     def _run(self, grad_multiplier, zero_grad):
         comm, size = self.comm, self.comm.Get_size()
@@ -159,19 +163,19 @@ class _Zero:
         displs = self._bounds[:-1]
         t0 = time.perf_counter()
         if size > 1:
-            comm.Reduce_scatter([self._flat_grads, MPI.FLOAT], [self._shard_grads, MPI.FLOAT],
+            comm.Reduce_scatter([self.flat_grads, MPI.FLOAT], [self._shard_grads, MPI.FLOAT],
                                 recvcounts=counts, op=MPI.SUM)
             m = (float(np.float32(grad_multiplier) * np.float32(1.0 / size))
                  if grad_multiplier != 1.0 else 1.0 / size)
         else:
             m = grad_multiplier
         t1 = time.perf_counter()
-        self._stepper.run(m, zero_grad and size == 1)
+        super()._run(m, zero_grad and size == 1)
         if zero_grad and size > 1:
-            self._flat_grads.fill(0.0)
+            self.flat_grads.fill(0.0)
         t2 = time.perf_counter()
         if size > 1:
-            comm.Allgatherv(MPI.IN_PLACE, [self._flat_params, counts, displs, MPI.FLOAT])
+            comm.Allgatherv(MPI.IN_PLACE, [self.flat_params, counts, displs, MPI.FLOAT])
         self.last_step_seconds = {"comm": (t1 - t0) + (time.perf_counter() - t2),
                                   "compute": t2 - t1}
 
@@ -181,9 +185,9 @@ class _Zero:
         counts = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
         displs = self._bounds[:-1]
         full = {}
-        for key in self._state_names:                  # the same keys on every rank
+        for key in self.family.buffer_names:           # the same keys on every rank
             if key in self._state:
-                out = np.zeros(self._flat_params.size, np.float32)
+                out = np.zeros(self.flat_params.size, np.float32)
                 self.comm.Allgatherv(self._state[key], [out, counts, displs, MPI.FLOAT])
                 full[key] = out
         return full
@@ -232,24 +236,16 @@ def ZeroRedundancyOptimizer(params, optimizer_class=None, comm=None, **defaults)
     single-process form, so a run resumes on any number of ranks, or on one process.
     `optimizer_class` defaults to fastopt.AdamW; `defaults` are its arguments.
     """
-    optimizer_class = optimizer_class or _optim.AdamW
-    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, _optim.Optimizer)):
+    from fastopt.optim import AdamW
+    optimizer_class = optimizer_class or AdamW
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, Optimizer)):
         raise TypeError(f"optimizer_class must be a fastopt optimizer class, got "
                         f"{optimizer_class!r}")
     if defaults.get("skip_nonfinite"):
         raise ValueError("skip_nonfinite is not supported by ZeroRedundancyOptimizer")
-    comm = _world(comm)
     cls = _ZERO_CLASSES.get(optimizer_class)
     if cls is None:
         cls = type(f"ZeroRedundancy{optimizer_class.__name__}", (_Zero, optimizer_class),
-                   {"_checkpoint_name": optimizer_class.__name__,
-                    "__doc__": ZeroRedundancyOptimizer.__doc__})
+                   {"__doc__": ZeroRedundancyOptimizer.__doc__})
         _ZERO_CLASSES[optimizer_class] = cls
-    opt = cls.__new__(cls)
-    opt.comm = comm
-    opt._writes_checkpoints = comm.Get_rank() == 0
-    opt.__init__(params, **defaults)
-    if comm.Get_size() > 1:
-        check_same_layout(comm, opt, "ZeroRedundancyOptimizer")
-        comm.Bcast(opt.flat_params, root=0)
-    return opt
+    return cls(params, comm=comm, **defaults)

@@ -18,8 +18,9 @@ import threading
 import numpy as np
 
 from fastopt import clip as _clip
-from fastopt import optim as _optim
 from fastopt._functional import make as _make
+from fastopt._optimizer import Optimizer, optimizer_class
+from fastopt.families import FAMILIES, OPTIMIZERS
 
 _local = threading.local()
 _this = sys.modules[__name__]
@@ -56,15 +57,16 @@ def _effective_grad(p, grad, weight_decay, maximize, multiplier, out):
     return grad
 
 
-# ---- range kernels: the backend interface shared with fastopt._core ----------------------
+# ---- the twins of the C kernels: one per family, on whole 1-D arrays ---------------------
+# Each takes the family's buffers in order (None where unused) and its kernel fields by name,
+# as fastopt.families declares them.
 
-def sgd(param, grad, momentum_buffer, start, stop, lr, momentum, dampening, weight_decay,
-        nesterov, maximize, first_step, grad_multiplier=1.0, zero_grad=False):
-    p, grad = param[start:stop], grad[start:stop]
-    t1, t2 = _scratch(stop - start)
+def sgd(p, grad, momentum_buffer, *, step, lr, momentum, dampening, weight_decay, nesterov,
+        maximize, first_step, grad_multiplier=1.0, zero_grad=False):
+    t1, t2 = _scratch(p.size)
     g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
     if momentum != 0.0:
-        buf = momentum_buffer[start:stop]
+        buf = momentum_buffer
         if first_step:
             np.copyto(buf, g)
         else:
@@ -85,11 +87,10 @@ def sgd(param, grad, momentum_buffer, start, stop, lr, momentum, dampening, weig
         grad.fill(0.0)
 
 
-def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, start, stop, step, lr, beta1, beta2,
-         eps, weight_decay, decoupled, amsgrad, maximize, grad_multiplier=1.0, zero_grad=False):
-    p, grad = param[start:stop], grad[start:stop]
-    m, v = exp_avg[start:stop], exp_avg_sq[start:stop]
-    t1, t2 = _scratch(stop - start)
+def adam(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2, eps,
+         weight_decay, decoupled, amsgrad, maximize, grad_multiplier=1.0, zero_grad=False):
+    m, v = exp_avg, exp_avg_sq
+    t1, t2 = _scratch(p.size)
     if decoupled:
         g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
         if weight_decay != 0.0:
@@ -104,9 +105,8 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, start, stop, step, lr
     if zero_grad:
         grad.fill(0.0)
     if amsgrad:
-        vmax = max_exp_avg_sq[start:stop]
-        np.maximum(vmax, v, out=vmax)
-        v = vmax
+        np.maximum(max_exp_avg_sq, v, out=max_exp_avg_sq)
+        v = max_exp_avg_sq
     step_size = lr / (1.0 - beta1 ** step)
     bias_correction2_sqrt = (1.0 - beta2 ** step) ** 0.5
     denom = np.sqrt(v, out=t2)
@@ -117,10 +117,10 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, start, stop, step, lr
     p += t2
 
 
-def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr, alpha, eps,
+def rmsprop(p, grad, square_avg, momentum_buffer, grad_avg, *, step, lr, alpha, eps,
             weight_decay, momentum, centered, maximize, grad_multiplier=1.0, zero_grad=False):
-    p, grad, sa = param[start:stop], grad[start:stop], square_avg[start:stop]
-    t1, t2 = _scratch(stop - start)
+    sa = square_avg
+    t1, t2 = _scratch(p.size)
     g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
     if zero_grad and g is grad:
         g = np.copyto(t1, grad) or t1
@@ -131,7 +131,7 @@ def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr,
     t2 *= 1.0 - alpha
     sa += t2
     if centered:
-        ga = grad_avg[start:stop]
+        ga = grad_avg
         _lerp_(ga, g, 1.0 - alpha, t2)
         np.multiply(ga, ga, out=t2)
         np.subtract(sa, t2, out=t2)
@@ -140,7 +140,7 @@ def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr,
         avg = np.sqrt(sa, out=t2)
     avg += eps
     if momentum > 0.0:
-        buf = momentum_buffer[start:stop]
+        buf = momentum_buffer
         buf *= momentum
         np.divide(g, avg, out=t2)
         buf += t2
@@ -150,6 +150,19 @@ def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, start, stop, lr,
         np.divide(g, avg, out=t2)
         t2 *= -lr
         p += t2
+
+
+# ---- the backend interface shared with fastopt._core ---------------------------------------
+
+def kernel(family, param, grad, state, start, stop, step, fields, grad_multiplier=1.0,
+           zero_grad=False):
+    """One group [start, stop) of 1-D buffers: the family's twin on those slices."""
+    if stop <= start:
+        return
+    twin = getattr(_this, family)
+    twin(param[start:stop], grad[start:stop],
+         *[None if s is None else s[start:stop] for s in state], step=step, **fields,
+         grad_multiplier=grad_multiplier, zero_grad=zero_grad)
 
 
 def grad_norm(grad, norm_type=2.0):
@@ -187,73 +200,39 @@ clip_grad_norm_.__doc__ = _clip.clip_grad_norm_.__doc__
 clip_grad_value_ = _clip.clip_grad_value_
 
 
-_KERNELS = {"sgd": sgd, "adam": adam, "rmsprop": rmsprop}
-_BUFFERS = {"sgd": ("momentum_buffer",),
-            "adam": ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-            "rmsprop": ("square_avg", "momentum_buffer", "grad_avg")}
-
-
 class Stepper:
-    """fastopt._core.Stepper's interface in Python: one range-kernel call per group."""
+    """fastopt._core.Stepper's interface in Python: one twin call per group."""
 
-    def __init__(self, family, param, grad, ranges):
+    def __init__(self, family, param, grad, ranges, records):
         self._family, self._param, self._grad = family, param, grad
         self._ranges = list(ranges)
-        self._buffers = dict.fromkeys(_BUFFERS[family])
-        self._groups = [None] * len(self._ranges)      # [hp, step, first_step] per group
+        self._buffers = dict.fromkeys(FAMILIES[family].buffer_names)
+        self._fields = [{} for _ in self._ranges]
 
     def set_buffer(self, name, arena):
         self._buffers[name] = arena
 
-    def set_group(self, i, hp, step=0, first_step=False):
-        self._groups[i] = [hp, step, first_step]
+    def set_fields(self, i, fields):
+        self._fields[i].update(fields)
 
-    def get_step(self, i):
-        return self._groups[i][1] if self._family == "adam" else 0
-
-    def run(self, grad_multiplier=1.0, zero_grad=False):
-        kernel, bufs = _KERNELS[self._family], list(self._buffers.values())
-        for (start, stop), grp in zip(self._ranges, self._groups):
-            hp, step, first = grp
-            if self._family == "sgd":
-                kernel(self._param, self._grad, *bufs, start, stop, *hp, first,
-                       grad_multiplier, zero_grad)
-                grp[2] = False
-            elif self._family == "adam":
-                grp[1] = step + 1
-                kernel(self._param, self._grad, *bufs, start, stop, step + 1, *hp,
-                       grad_multiplier, zero_grad)
-            else:
-                kernel(self._param, self._grad, *bufs, start, stop, *hp, grad_multiplier,
-                       zero_grad)
+    def run(self, steps, grad_multiplier=1.0, zero_grad=False):
+        fam = FAMILIES[self._family]
+        for (start, stop), fields, taken in zip(self._ranges, self._fields, steps):
+            used = fam.required(fields)
+            state = [self._buffers[b] if b in used else None for b in fam.buffer_names]
+            kernel(self._family, self._param, self._grad, state, start, stop, taken + 1,
+                   fields, grad_multiplier, zero_grad)
 
 
 # ---- the public API, the same as fastopt's -----------------------------------------------
 
-sgd_, adam_, rmsprop_ = _make(_this)
-for _f in (sgd_, adam_, rmsprop_):
+for _fam in FAMILIES.values():
+    _f = _make(_this, _fam)
     _f.__module__ = __name__
+    setattr(_this, _f.__name__, _f)
+for _name, _spec in OPTIMIZERS.items():
+    setattr(_this, _name, optimizer_class(_spec, _this, __name__))
+del _fam, _f, _name, _spec
 
-
-class SGD(_optim.SGD):
-    __doc__ = _optim.SGD.__doc__
-    _backend = _this
-
-
-class Adam(_optim.Adam):
-    __doc__ = _optim.Adam.__doc__
-    _backend = _this
-
-
-class AdamW(_optim.AdamW):
-    __doc__ = _optim.AdamW.__doc__
-    _backend = _this
-
-
-class RMSprop(_optim.RMSprop):
-    __doc__ = _optim.RMSprop.__doc__
-    _backend = _this
-
-
-__all__ = ["sgd_", "adam_", "rmsprop_", "SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm_",
-           "clip_grad_value_"]
+__all__ = ([f + "_" for f in FAMILIES] + list(OPTIMIZERS)
+           + ["Optimizer", "clip_grad_norm_", "clip_grad_value_"])

@@ -1,0 +1,423 @@
+"""The optimizer over one flat arena, for any family and either backend.
+
+fastopt.optim builds the public classes on the C kernels from it, fastopt.reference on NumPy.
+
+The constructor copies every parameter into one contiguous float32 buffer (the arena), each
+parameter at a 64-byte-aligned offset and each param group one contiguous range of it; the
+gradients and every state buffer are parallel arenas with the same offsets.  `opt.params` and
+`opt.grads` are views into the arenas with the shapes given: model code reads the params and
+writes the gradients through them.  `step()` is one call into C for every group together.
+
+The layout is fixed at construction and the arenas are never reallocated, so the views stay
+valid for the optimizer's life; state buffers are allocated the first time a group needs
+them.  Every class is built from its declaration in fastopt.families.  Differences from
+torch.optim are stated in each class's docstring; the common ones:
+
+* every parameter is stepped, whether its gradient was written or not (there is no
+  ``grad is None``); `zero_grad()` writes zeros, it cannot set gradients to None;
+* the param groups are fixed at construction (no `add_param_group`): the arena cannot grow;
+* a group steps as one unit, so all its parameters share one step count.
+"""
+import inspect
+import operator
+
+import numpy as np
+
+from fastopt import _state_dict
+from fastopt import _validate as V
+from fastopt._arena import ALIGN_BYTES, Arena, aligned_zeros, parse_params  # noqa: F401
+from fastopt._family import TORCH_ONLY, check_torch_only
+from fastopt.clip import clip_coefficient, norm_type_arg
+from fastopt.families import OPTIMIZERS
+
+
+class Optimizer:
+    """Base class of every optimizer: the arena, param groups, state and the checks.
+
+    A class is `Optimizer` plus an OptimizerSpec (`_spec`, from fastopt.families) and a
+    backend (`_backend`: fastopt._core, or the NumPy one, fastopt.reference); see
+    `optimizer_class`.  State lives in `_state` (buffer name -> arena), the counts in `_steps`
+    (steps taken, per group: the only step counter; the kernels are handed the step being
+    taken) and `_counters` (per group, a family's scalars beside the step).
+    """
+
+    _spec = None
+    _backend = None
+
+    def __init__(self, params, *args, skip_nonfinite=False, **kwargs):
+        spec = self._spec
+        if spec is None:
+            raise TypeError("Optimizer is a base class: use SGD, Adam, ... (fastopt.families)")
+        bound = self.__signature__.bind(params, *args, **kwargs).arguments
+        options = {k: bound.get(k, spec.defaults[k]) for k in spec.defaults}
+        check_torch_only(options)
+        defaults = {k: v for k, v in options.items() if k not in TORCH_ONLY}
+        defaults.update(spec.fixed)
+        fam = self._family = spec.family
+        spec.fields_of(defaults)                    # names the bad argument without a prefix
+        self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
+        self.skipped_steps = 0          # steps skipped for non-finite gradients
+        self.last_grad_norm = None      # the norm the last step computed, if it computed one
+        self.defaults = defaults
+        groups, names = parse_params(params, spec.group_keys())
+        self.param_groups = []
+        for i, (_, extra) in enumerate(groups):
+            group = dict(defaults)
+            group.update(extra)
+            for key, value in spec.fixed.items():
+                if group[key] != value:
+                    raise ValueError(f"param_groups[{i}].{key} must be {value!r} for "
+                                     f"{spec.name}")
+            spec.fields_of(group, f"param_groups[{i}].")
+            self.param_groups.append(group)
+
+        arena = self._arena = Arena([arrays for arrays, _ in groups], names)
+        for i, group in enumerate(self.param_groups):
+            group["params"] = [arena.params[k] for k in arena.param_indices(i)]
+        ngroups = len(self.param_groups)
+        self._state = {}                                   # buffer name -> state arena
+        self._steps = [0] * ngroups                        # steps taken, per group
+        self._counters = [dict(fam.counter_defaults) for _ in range(ngroups)]
+        self._live = [set() for _ in range(ngroups)]       # buffers started, per group
+        self._fields = [None] * ngroups                    # kernel fields sent, per group
+        self._derived = [None] * ngroups                   # derived fields sent, per group
+        self._fresh = [() for _ in range(ngroups)]         # buffers starting next step
+        # The part of the arena this optimizer updates and keeps state for: all of it, except
+        # in a sharded (ZeRO) optimizer, which holds one rank's contiguous share [lo, hi).
+        self._lo, self._hi = lo, hi = self._shard_range(arena)
+        # A group's hyperparameters are checked and sent to the stepper again only when its
+        # dict changes (`_seen` is what was sent).
+        self._snapshot = operator.itemgetter(*spec.group_keys())
+        self._seen = [None] * ngroups
+        self._stepper = self._backend.Stepper(fam.name, arena.flat_params[lo:hi],
+                                              self._kernel_grads(), arena.local_ranges(lo, hi),
+                                              np.zeros(ngroups, fam.dtype))
+
+    # ---- the public surface ------------------------------------------------------------
+
+    @property
+    def params(self):
+        """The parameters: arena views, in the shapes and order given (a dict when named)."""
+        a = self._arena
+        return dict(zip(a.names, a.params)) if a.names is not None else list(a.params)
+
+    @property
+    def grads(self):
+        """The gradients: views parallel to `params`; write them before each `step()`."""
+        a = self._arena
+        return dict(zip(a.names, a.grads)) if a.names is not None else list(a.grads)
+
+    @property
+    def flat_params(self):
+        """The whole parameter arena, 1-D (with the zero padding between parameters)."""
+        return self._arena.flat_params
+
+    @property
+    def flat_grads(self):
+        """The whole gradient arena, 1-D: one buffer to clip, scale or allreduce."""
+        return self._arena.flat_grads
+
+    @property
+    def spec(self):
+        """The class declaration (fastopt.families) this optimizer was built from."""
+        return self._spec
+
+    @property
+    def family(self):
+        """The family declaration (fastopt.families) this optimizer steps."""
+        return self._spec.family
+
+    @property
+    def layout(self):
+        """The arena's layout (fastopt._arena.Arena): shapes, names, offsets, group ranges."""
+        return self._arena
+
+    @property
+    def state(self):
+        """{param index: {'step': int, name: view of the state arena}}, like torch's state.
+
+        The arrays are live views in the parameter's shape; `state_dict()` gives copies.
+        """
+        return self._collect_state(copy=False)
+
+    @property
+    def step_counts(self):
+        """Steps taken by each param group (a copy)."""
+        return list(self._steps)
+
+    def zero_grad(self, set_to_none=True):
+        """Zero every gradient: one fill of the gradient arena.
+
+        torch's default set_to_none=True frees the gradients; here the gradients are views into
+        a fixed arena, so they are always zeroed, whatever the argument says.
+        """
+        self._arena.flat_grads.fill(0.0)
+
+    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+             norm_type=2.0):
+        """One fused update of every parameter; `closure` (as in torch) recomputes the loss.
+
+        zero_grad=True writes zeros into the gradients in the same pass that reads them (the
+        same as calling zero_grad() after the step, without a second pass over the arena).
+        grad_multiplier multiplies every gradient first, inside the same pass: 1/loss_scale,
+        say (exactly 1, the default, changes nothing).  max_grad_norm clips: the step is then
+        exactly `clip_grad_norm_(opt, max_grad_norm, norm_type)` followed by `step()`, in two
+        passes instead of three (with a grad_multiplier too, the norm is taken of the
+        multiplied gradients); the norm is kept in `last_grad_norm`.
+
+        With `skip_nonfinite` on, a NaN or infinite gradient skips the update: params, state
+        and step counts stay as they were, `skipped_steps` counts it, and step() returns False
+        (the gradients are still zeroed if zero_grad=True).  Otherwise step() returns the
+        closure's loss when a closure is given, else True.
+
+        Every argument and every group's hyperparameters are checked before anything is
+        updated: on a bad value the call raises and nothing has changed.
+        """
+        loss = None
+        if closure is not None:
+            loss = closure()
+        if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
+            grad_multiplier = V.real("grad_multiplier", grad_multiplier, lo=0.0)
+        if zero_grad is not False:
+            zero_grad = V.flag("zero_grad", zero_grad)
+        if max_grad_norm is not None:
+            max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
+            norm_type = norm_type_arg(norm_type)
+        changed = self._changed_groups()               # may raise: nothing has changed yet
+        if max_grad_norm is not None or self.skip_nonfinite:
+            total, nonfinite = self._backend.grad_norm(
+                self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
+            total *= grad_multiplier
+            self.last_grad_norm = total
+            if nonfinite and self.skip_nonfinite:
+                self.skipped_steps += 1
+                if zero_grad:
+                    self.flat_grads.fill(0.0)
+                return loss if closure is not None else False
+            if max_grad_norm is not None:
+                coef = clip_coefficient(total, max_grad_norm)
+                if coef != 1.0:
+                    grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
+        if changed:
+            self._refresh(changed)
+        derived = self._derive()
+        self._run(grad_multiplier, zero_grad)
+        self._advance(derived)
+        return loss if closure is not None else True
+
+    def state_dict(self):
+        """torch-shaped: {'state': {index: {...}}, 'param_groups': [{..., 'params': [index]}]}.
+
+        Arrays are copies in each parameter's shape; 'step' is an int.
+        """
+        groups, k = [], 0
+        for group in self.param_groups:
+            g = {key: value for key, value in group.items() if key != "params"}
+            g["params"] = list(range(k, k + len(group["params"])))
+            k += len(group["params"])
+            groups.append(g)
+        return {"state": self._collect_state(copy=True), "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Restore state and hyperparameters from `state_dict()`'s output.
+
+        Everything is checked first (structure, group sizes, hyperparameters, keys, shapes,
+        dtypes, step counts); on any problem a TypeError/ValueError says what, and nothing in
+        the optimizer has changed.  Arrays are copied into the arenas.
+        """
+        self.apply_state(self.check_state_dict(state_dict))
+
+    def check_state_dict(self, state_dict):
+        """Check a state dict against this optimizer without loading it -> what
+        `apply_state` installs (a TypeError/ValueError says what is wrong)."""
+        return _state_dict.check(self._spec, self._arena, self.param_groups, state_dict)
+
+    def apply_state(self, groups, steps=None):
+        """Install what `check_state_dict` accepted (the second half of load_state_dict);
+        `steps`, when given, are the groups' step counts (a checkpoint keeps its own, also for
+        groups without state)."""
+        arena, lo, hi = self._arena, self._lo, self._hi
+        for i, gs in enumerate(groups):
+            for key, arrays in gs.buffers.items():
+                if key not in self._state:
+                    self._new_state_arena(key)
+                for k, a in zip(arena.param_indices(i), arrays):
+                    off = arena.offsets[k]
+                    a_lo, a_hi = max(off, lo), min(off + a.size, hi)   # the part held here
+                    if a_lo < a_hi:
+                        self._state[key][a_lo - lo:a_hi - lo] = \
+                            a.reshape(-1)[a_lo - off:a_hi - off]
+            self._steps[i] = gs.step if steps is None else steps[i]
+            self._counters[i] = dict(gs.counters)
+            self._live[i] = set(gs.buffers)
+        for group, gs in zip(self.param_groups, groups):
+            params = group["params"]
+            group.clear()
+            group.update(gs.hparams)
+            group["params"] = params
+        self._seen = [None] * len(self.param_groups)     # resend everything on the next step
+
+    def save(self, path, scheduler=None):
+        """Write a checkpoint: params, state, hyperparameters, step counts (and the
+        scheduler's state) in one .npz file, atomically.  See fastopt.checkpoint."""
+        from fastopt import checkpoint
+        checkpoint.save(path, self, scheduler)
+
+    def load(self, path, scheduler=None):
+        """Restore from a checkpoint written by `save`; on any problem a ValueError, and
+        nothing has changed.  See fastopt.checkpoint."""
+        from fastopt import checkpoint
+        checkpoint.load(path, self, scheduler)
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for i, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            for key in sorted(k for k in group if k != "params"):
+                lines.append(f"    {key}: {group[key]}")
+        lines.append(")")
+        return "\n".join(lines)
+
+    # ---- stepping ------------------------------------------------------------------------
+
+    def _changed_groups(self):
+        """[(i, snapshot, fields)] of the groups whose hyperparameters changed, checked."""
+        changed = None
+        spec, seen, snapshot = self._spec, self._seen, self._snapshot
+        for i, group in enumerate(self.param_groups):
+            raw = snapshot(group)
+            if raw != seen[i]:
+                fields = spec.fields_of(group, f"param_groups[{i}].")
+                for key, target in spec.keys.items():
+                    if isinstance(target, tuple) and type(group[key]) is not tuple:
+                        # a list could change in place, unseen by the snapshot: keep a copy
+                        group[key] = tuple(group[key])
+                        raw = snapshot(group)
+                changed = changed or []
+                changed.append((i, raw, fields))
+        return changed
+
+    def _refresh(self, changed):
+        """Send changed groups' hyperparameters to the stepper; start the buffers they need."""
+        fam, lo = self._family, self._lo
+        for i, raw, fields in changed:
+            fresh = [b for b in fam.buffers
+                     if b.name in fam.required(fields) and b.name not in self._live[i]]
+            start, stop = (min(max(x, lo), self._hi) - lo for x in self._arena.ranges[i])
+            for b in fresh:
+                if b.name not in self._state:
+                    self._new_state_arena(b.name)
+                self._state[b.name][start:stop] = b.initial(fields)
+            self._fresh[i] = tuple(b.name for b in fresh)
+            kernel = {f.name: fields[f.name] for f in fam.user_fields}
+            self._stepper.set_fields(i, {**kernel, **fam.derive(kernel, self._steps[i] + 1,
+                                                                 self._fresh[i],
+                                                                 self._counters[i])})
+            self._fields[i] = kernel
+            self._derived[i] = None
+            self._seen[i] = raw
+
+    def _derive(self):
+        """The derived fields of this step (SGD's first step, NAdam's mu product), sent to
+        the stepper where they changed -> [dict] per group."""
+        fam = self._family
+        if fam.per_step is None:
+            return None
+        out = []
+        for i, fields in enumerate(self._fields):
+            d = fam.derive(fields, self._steps[i] + 1, self._fresh[i], self._counters[i])
+            if d != self._derived[i]:
+                self._stepper.set_fields(i, d)
+                self._derived[i] = d
+            out.append(d)
+        return out
+
+    def _advance(self, derived):
+        """After a step: the counts, the counters and the buffers that started."""
+        steps = self._steps
+        for i in range(len(steps)):
+            steps[i] += 1
+            if self._fresh[i]:
+                self._live[i].update(self._fresh[i])
+                self._fresh[i] = ()
+        if derived is not None and self._family.counters:
+            for i, d in enumerate(derived):
+                for name in self._family.counter_defaults:
+                    self._counters[i][name] = d[name]
+
+    # ---- internals (and the hooks a sharded optimizer overrides) -------------------------
+
+    def _shard_range(self, arena):
+        """The range [lo, hi) of the arena this optimizer updates: all of it."""
+        return 0, arena.total
+
+    def _kernel_grads(self):
+        """The gradients the kernels read for [lo, hi)."""
+        return self._arena.flat_grads[self._lo:self._hi]
+
+    def _run(self, grad_multiplier, zero_grad):
+        self._stepper.run(self._steps, grad_multiplier, zero_grad)
+
+    def _full_state(self):
+        """State arenas over the whole arena (a sharded optimizer gathers them)."""
+        return self._state
+
+    def _new_state_arena(self, key):
+        arena = aligned_zeros(self._hi - self._lo)
+        self._stepper.set_buffer(key, arena)
+        self._state[key] = arena
+
+    def _collect_state(self, copy):
+        fam, arena = self._family, self._arena
+        arenas = self._full_state()
+        state = {}
+        for i in range(len(self.param_groups)):
+            if not self._steps[i] or not (self._live[i] or fam.has_step):
+                continue
+            for k in arena.param_indices(i):
+                entry = {"step": self._steps[i]} if fam.has_step else {}
+                entry.update(self._counters[i])
+                for key in fam.buffer_names:
+                    if key in self._live[i]:
+                        view = arena.view(arenas[key], k)
+                        entry[key] = view.copy() if copy else view
+                state[k] = entry
+        return state
+
+
+def optimizer_class(spec, backend, module):
+    """The public class for `spec` (fastopt.families) on `backend`, with torch's signature."""
+    params = [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    for name in spec.signature:
+        if name == "*":
+            kind = inspect.Parameter.KEYWORD_ONLY
+            continue
+        params.append(inspect.Parameter(name, kind, default=spec.defaults[name]))
+    params.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY,
+                                    default=False))
+    sig = inspect.Signature(params)
+    doc = inspect.cleandoc(spec.doc) + _COMMON_DOC
+    cls = type(spec.name, (Optimizer,), {
+        "__doc__": doc, "__module__": module, "__qualname__": spec.name,
+        "_spec": spec, "_backend": backend, "__signature__": sig})
+    # the constructor's own signature is torch's, for help() and inspect
+    init = _bound_init(sig)
+    init.__qualname__ = f"{spec.name}.__init__"
+    cls.__init__ = init
+    return cls
+
+
+_COMMON_DOC = """
+
+skip_nonfinite=True skips the whole update when a gradient is NaN or infinite (see step()).
+"""
+
+
+def _bound_init(sig):
+    def __init__(self, params, *args, **kwargs):
+        Optimizer.__init__(self, params, *args, **kwargs)
+    __init__.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + list(sig.parameters.values()))
+    return __init__

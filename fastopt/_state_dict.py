@@ -1,0 +1,157 @@
+"""The check of a torch-shaped state dict against an optimizer, before anything is loaded.
+
+`check(spec, arena, groups, sd)` reads everything (structure, group sizes, hyperparameters,
+state keys, shapes, dtypes, step counts and counters) and returns what to install; on any
+problem it raises a TypeError or ValueError that says what, having changed nothing.
+"""
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastopt import _validate as V
+
+
+@dataclass
+class GroupState:
+    """What a state dict holds for one group: its hyperparameters (without 'params'), their
+    kernel fields, the step count, the counters and each buffer's arrays (one a param)."""
+    hparams: dict
+    fields: dict
+    step: int
+    counters: dict
+    buffers: dict
+
+
+def check(spec, arena, groups, sd):
+    """-> [GroupState], one a param group of the optimizer (`groups`: its param_groups)."""
+    fam = spec.family
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
+    for key in ("state", "param_groups"):
+        if key not in sd:
+            raise ValueError(f"state_dict has no {key!r} entry")
+    saved_groups, saved_state = sd["param_groups"], sd["state"]
+    if not isinstance(saved_groups, (list, tuple)):
+        raise TypeError("state_dict['param_groups'] must be a list of dicts")
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer "
+                         f"has {len(groups)}")
+    if not isinstance(saved_state, Mapping):
+        raise TypeError("state_dict['state'] must be a dict")
+
+    keys = spec.group_keys()
+    hparams, fields, owner, k = [], [], {}, 0
+    for i, saved in enumerate(saved_groups):
+        where = f"state_dict['param_groups'][{i}]"
+        if not isinstance(saved, Mapping):
+            raise TypeError(f"{where} must be a dict")
+        ids = saved.get("params")
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"{where} has no 'params' list")
+        if len(ids) != arena.counts[i]:
+            raise ValueError(f"{where} has {len(ids)} params, this optimizer's group has "
+                             f"{arena.counts[i]}")
+        for j, pid in enumerate(ids):
+            if isinstance(pid, bool) or not isinstance(pid, numbers.Integral):
+                raise TypeError(f"{where}['params'] must hold int ids, got {pid!r}")
+            if pid in owner:
+                raise ValueError(f"{where}: param id {pid} appears twice")
+            owner[pid] = (i, j, k + j)
+        k += len(ids)
+        missing = [key for key in keys if key not in saved]
+        if missing:
+            raise ValueError(f"{where} is missing {missing}")
+        new = {key: value for key, value in saved.items() if key != "params"}
+        for key, value in spec.fixed.items():
+            if new[key] != value:
+                raise ValueError(f"{where}.{key} must be {value!r} for {spec.name}")
+        fields.append(spec.fields_of(new, where + "."))
+        hparams.append(new)
+
+    per_group = [dict() for _ in groups]      # j -> (pid, entry)
+    for pid, entry in saved_state.items():
+        if pid not in owner:
+            raise ValueError(f"state_dict['state'] has an entry for param id {pid!r}, which "
+                             "no param group lists")
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"state_dict['state'][{pid!r}] must be a dict")
+        i, j, _ = owner[pid]
+        per_group[i][j] = (pid, entry)
+
+    scalars = (("step",) if fam.has_step else ()) + tuple(fam.counter_defaults)
+    out = []
+    for i, entries in enumerate(per_group):
+        n = arena.counts[i]
+        if not entries:
+            out.append(GroupState(hparams[i], fields[i], 0, dict(fam.counter_defaults), {}))
+            continue
+        if len(entries) != n:
+            absent = next(j for j in range(n) if j not in entries)
+            raise ValueError(f"state_dict['state'] has state for some params of group {i} "
+                             f"but not for its param {absent}: a group steps as one unit")
+        keys0 = None
+        seen = {name: set() for name in scalars}
+        buffers = {}
+        for j in range(n):
+            pid, entry = entries[j]
+            where = f"state_dict['state'][{pid!r}]"
+            entry_keys = set(entry) - set(scalars)
+            if "step" in entry and not fam.has_step:
+                raise ValueError(f"{where} has a 'step', which {spec.name} does not keep")
+            unknown = entry_keys - set(fam.buffer_names)
+            if unknown:
+                raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+            if keys0 is None:
+                keys0 = entry_keys
+            elif entry_keys != keys0:
+                raise ValueError(f"{where} has keys {sorted(entry_keys)}, other params of its "
+                                 f"group have {sorted(keys0)}")
+            for name in scalars:
+                if name not in entry:
+                    raise ValueError(f"{where} has no {name!r}")
+                label = f"{where}[{name!r}]"
+                seen[name].add(_step(label, entry[name]) if name == "step"
+                               else _counter(label, entry[name]))
+            shape = arena.shapes[owner[pid][2]]
+            for key in entry_keys:
+                a = entry[key]
+                V.float32_array(f"{where}[{key!r}]", a)
+                if a.shape != shape:
+                    raise ValueError(f"{where}[{key!r}] has shape {a.shape}, the param has "
+                                     f"shape {shape}")
+                buffers.setdefault(key, []).append(a)
+        optional = {b.name for b in fam.buffers if b.optional}
+        missing = set(fam.required(fields[i])) - optional - keys0
+        if missing:
+            raise ValueError(f"state_dict['state'] lacks {sorted(missing)} for group {i}, "
+                             "which its hyperparameters need")
+        for name, values in seen.items():
+            if len(values) > 1:
+                what = "step counts" if name == "step" else f"values of {name!r}"
+                raise ValueError(f"state_dict['state'] has different {what} "
+                                 f"{sorted(values)} within group {i}; a group steps as one unit")
+        step = seen["step"].pop() if fam.has_step else 1
+        counters = {name: seen[name].pop() for name in fam.counter_defaults}
+        out.append(GroupState(hparams[i], fields[i], step, counters, buffers))
+    return out
+
+
+def _step(where, x):
+    if isinstance(x, np.ndarray) and x.shape == ():
+        x = x[()]
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{where} must be an int, got {type(x).__name__}")
+    if not float(x).is_integer() or x < 1:
+        raise ValueError(f"{where} must be a whole number >= 1, got {x!r}")
+    x = int(x)
+    if x >= 2 ** 63 - 1:
+        raise ValueError(f"{where} must be < 2**63 - 1, got {x}")
+    return x
+
+
+def _counter(where, x):
+    if isinstance(x, np.ndarray) and x.shape == ():
+        x = x[()]
+    return V.real(where, x)

@@ -1,0 +1,150 @@
+"""Every optimizer family and public optimizer class, each declared once.
+
+A family here, a kernel in csrc/families/<name>.c and a NumPy twin in fastopt.reference are
+all it takes: the classes, `fastopt.functional`, `fastopt.reference`, the argument checks,
+state dicts, checkpoints and test tables are built from these declarations.  The math of each
+family is written out in its C file and in its class docstring (`doc`).
+"""
+from fastopt._family import (NONNEG, POSITIVE, UNIT, UNIT_OPEN, Buffer, Family, Field,
+                             OptimizerSpec)
+
+FAMILIES = {}
+OPTIMIZERS = {}
+
+
+def family(**kw):
+    fam = Family(**kw)
+    FAMILIES[fam.name] = fam
+    return fam
+
+
+def optimizer(**kw):
+    spec = OptimizerSpec(**kw)
+    OPTIMIZERS[spec.name] = spec
+    return spec
+
+
+_FUSED = "`foreach` and `fused` are accepted and ignored: every step is fused."
+
+
+# ---- SGD --------------------------------------------------------------------------------
+
+def _sgd_check(f, prefix):
+    if f["nesterov"] and (f["momentum"] <= 0.0 or f["dampening"] != 0.0):
+        raise ValueError(f"{prefix}nesterov requires a momentum > 0 and zero dampening, got "
+                         f"momentum={f['momentum']!r}, dampening={f['dampening']!r}")
+
+
+SGD_FAMILY = family(
+    name="sgd",
+    fields=(Field("lr", 1e-3, NONNEG), Field("momentum", 0.0, NONNEG),
+            Field("dampening", 0.0, UNIT), Field("weight_decay", 0.0, NONNEG),
+            Field.flag("nesterov"), Field.flag("maximize"), Field.flag("first_step")),
+    buffers=(Buffer("momentum_buffer", optional=True, when="momentum != 0"),),
+    needs=lambda f: ("momentum_buffer",) if f["momentum"] != 0.0 else (),
+    check=_sgd_check,
+    derived=("first_step",),
+    # torch sets the momentum buffer to the gradient on the step that creates it
+    per_step=lambda f, step, fresh, counters: {"first_step": "momentum_buffer" in fresh},
+    has_step=False,
+)
+
+optimizer(
+    name="SGD", family=SGD_FAMILY,
+    signature=("lr", "momentum", "dampening", "weight_decay", "nesterov", "*", "maximize",
+               "foreach", "differentiable", "fused"),
+    defaults=dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                  maximize=False, foreach=None, differentiable=False, fused=None),
+    doc=f"""Stochastic gradient descent with momentum, dampening, Nesterov and weight decay.
+
+    torch.optim.SGD's arguments, defaults and per-element math (its fused=True kernel, bitwise
+    outside torch's per-tensor scalar tail): with g the gradient (negated when maximize),
+        g += weight_decay * p
+        buf = g on the first step with momentum, then buf = momentum*buf + (1-dampening)*g
+        g = g + momentum*buf if nesterov else buf
+        p -= lr * g
+    {_FUSED}  As in torch, a momentum raised from 0 mid-run starts its buffer from the
+    gradient on that step.
+    """)
+
+
+# ---- Adam, AdamW ----------------------------------------------------------------------------
+
+ADAM_FAMILY = family(
+    name="adam",
+    fields=(Field("lr", 1e-3, NONNEG), Field("beta1", 0.9, UNIT_OPEN),
+            Field("beta2", 0.999, UNIT_OPEN), Field("eps", 1e-8, POSITIVE),
+            Field("weight_decay", 0.0, NONNEG), Field.flag("decoupled"),
+            Field.flag("amsgrad"), Field.flag("maximize")),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq"), Buffer("max_exp_avg_sq", when="amsgrad=True")),
+    needs=lambda f: ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if f["amsgrad"] else ()),
+)
+
+_ADAM_MATH = """with g the gradient (negated when maximize),
+        g += weight_decay * p           (Adam)   or   p *= 1 - lr*weight_decay   (AdamW)
+        m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g;  amsgrad: vmax = max(vmax, v)
+        p -= lr/(1-beta1^t) * m / (sqrt(v)/sqrt(1-beta2^t) + eps)"""
+
+optimizer(
+    name="Adam", family=ADAM_FAMILY,
+    signature=("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "foreach", "maximize",
+               "capturable", "differentiable", "fused", "decoupled_weight_decay"),
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                  foreach=None, maximize=False, capturable=False, differentiable=False,
+                  fused=None, decoupled_weight_decay=False),
+    keys={"betas": ("beta1", "beta2"), "decoupled_weight_decay": "decoupled"},
+    doc=f"""Adam (and, with decoupled_weight_decay=True, AdamW), with amsgrad and maximize.
+
+    torch.optim.Adam's arguments, defaults and per-element math (its fused=True kernel, bitwise
+    outside torch's per-tensor scalar tail): {_ADAM_MATH}
+    {_FUSED}  The state dict keeps 'step' as an int, where torch keeps a float tensor.
+    """)
+
+optimizer(
+    name="AdamW", family=ADAM_FAMILY,
+    signature=("lr", "betas", "eps", "weight_decay", "amsgrad", "*", "maximize", "foreach",
+               "capturable", "differentiable", "fused"),
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                  maximize=False, foreach=None, capturable=False, differentiable=False,
+                  fused=None),
+    keys={"betas": ("beta1", "beta2"), "decoupled_weight_decay": "decoupled"},
+    fixed={"decoupled_weight_decay": True},
+    doc=f"""AdamW: Adam with decoupled weight decay (p *= 1 - lr*weight_decay), torch's
+    defaults (weight_decay=1e-2).
+
+    torch.optim.AdamW's arguments, defaults and per-element math (its fused=True kernel,
+    bitwise outside torch's per-tensor scalar tail): {_ADAM_MATH}
+    {_FUSED}  The state dict keeps 'step' as an int, where torch keeps a float tensor.
+    """)
+
+
+# ---- RMSprop --------------------------------------------------------------------------------
+
+RMSPROP_FAMILY = family(
+    name="rmsprop",
+    fields=(Field("lr", 1e-2, NONNEG), Field("alpha", 0.99, UNIT), Field("eps", 1e-8, POSITIVE),
+            Field("weight_decay", 0.0, NONNEG), Field("momentum", 0.0, NONNEG),
+            Field.flag("centered"), Field.flag("maximize")),
+    buffers=(Buffer("square_avg"), Buffer("momentum_buffer", when="momentum > 0"),
+             Buffer("grad_avg", when="centered=True")),
+    needs=lambda f: (("square_avg",) + (("momentum_buffer",) if f["momentum"] > 0.0 else ())
+                     + (("grad_avg",) if f["centered"] else ())),
+)
+
+optimizer(
+    name="RMSprop", family=RMSPROP_FAMILY,
+    signature=("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "capturable",
+               "foreach", "maximize", "differentiable"),
+    defaults=dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                  centered=False, capturable=False, foreach=None, maximize=False,
+                  differentiable=False),
+    doc="""RMSprop, plain or centered, with momentum, weight decay and maximize.
+
+    torch.optim.RMSprop's arguments, defaults and per-element math (to a few ulp: torch's loop
+    uses an approximate vectorized sqrt): with g the gradient (negated when maximize),
+        g += weight_decay * p;   sa = alpha*sa + (1-alpha)*g*g
+        centered: ga = lerp(ga, g, 1-alpha);  avg = sqrt(sa - ga*ga) + eps,  else sqrt(sa) + eps
+        momentum > 0: buf = momentum*buf + g/avg;  p -= lr*buf     else p -= lr*g/avg
+    `foreach` is accepted and ignored.  A momentum raised from 0 (or centered switched on)
+    mid-run starts its buffer at zero, as torch's would have been.
+    """)
