@@ -30,17 +30,22 @@ def make(backend, fam):
     parts.append("*")
     parts.append("step")
     parts += [f"{f.name}=_defaults[{f.name!r}]" for f in fam.user_fields]
+    # a family's counters (NAdam's mu_product): their values before this step
+    parts += [f"{c}=_counters[{c!r}]" for c in fam.counter_defaults]
     parts += ["grad_multiplier=1.0", "zero_grad=False"]
     name = fam.name + "_"
     src = (f"def {name}({', '.join(parts)}):\n"
            f"    return _call(param, grad, ({', '.join(bufs)},), step, "
            f"{{{', '.join(f'{f.name!r}: {f.name}' for f in fam.user_fields)}}}, "
+           f"{{{', '.join(f'{c!r}: {c}' for c in fam.counter_defaults)}}}, "
            "grad_multiplier, zero_grad)\n")
     when = {b.name: b.when or "the options given" for b in fam.buffers}
     kernel, family, per_step = backend.kernel, fam.name, fam.per_step
 
-    def _call(param, grad, state, step, values, grad_multiplier, zero_grad):
+    def _call(param, grad, state, step, values, counters, grad_multiplier, zero_grad):
         fields = fam.check_fields(values)
+        for c in counters:
+            counters[c] = V.real(c, counters[c])
         step = V.step(step)
         if grad_multiplier != 1.0 or zero_grad is not False:
             grad_multiplier, zero_grad = V.grad_options(grad_multiplier, zero_grad)
@@ -50,15 +55,20 @@ def make(backend, fam):
                       {b: when[b] for b in used})
         if per_step is not None:
             # the functional count starts every buffer on step 1 (SGD's first momentum step)
-            fields.update(per_step(fields, step, bufs if step == 1 else (), {}))
+            fields.update(per_step(fields, step, bufs if step == 1 else (), counters))
         kernel(family, param, grad, [a if b in used else None for b, a in zip(bufs, state)],
                0, n, step, fields, grad_multiplier, zero_grad)
+        if counters:
+            return {c: fields[c] for c in counters}
 
-    namespace = {"_call": _call, "_defaults": defaults}
+    namespace = {"_call": _call, "_defaults": defaults, "_counters": fam.counter_defaults}
     exec(src, namespace)
     fn = namespace[name]
     fn.__doc__ = (f"One in-place {fam.name} step on 1-D C-contiguous float32 arrays of one "
                   "length (see the class of the same family for the math); the state buffers "
                   "are updated in place, grad is only read (unless zero_grad=True). step: the "
-                  "1-based count of the step being taken.  Returns None.")
+                  "1-based count of the step being taken.  Returns None"
+                  + (f"; with {', '.join(fam.counter_defaults)} (the value before this step, "
+                     "as the state keeps it), returns their values after it, as a dict."
+                     if fam.counter_defaults else "."))
     return fn
