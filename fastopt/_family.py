@@ -81,6 +81,10 @@ class Family:
     counters   per-group scalars kept in the state beside 'step' (name -> initial value); a
                derived field of the same name is the counter's value after the step
     has_step   whether the state records 'step' (torch's SGD does not)
+    torch      how torch.optim has this family (its classes are the OptimizerSpecs' names):
+               "fused" (a fused CPU kernel, which this one matches bitwise but for torch's
+               per-tensor scalar tail), "single" (only the for-loop and foreach
+               implementations, matched within a stated ulp bound), or None (torch has none)
     """
     name: str
     fields: tuple
@@ -91,7 +95,7 @@ class Family:
     per_step: Optional[Callable] = None
     counters: tuple = ()
     has_step: bool = True
-    math: str = ""
+    torch: Optional[str] = None
 
     def __post_init__(self):
         names = [f.name for f in self.fields]

@@ -47,6 +47,7 @@ SGD_FAMILY = family(
     # torch sets the momentum buffer to the gradient on the step that creates it
     per_step=lambda f, step, fresh, counters: {"first_step": "momentum_buffer" in fresh},
     has_step=False,
+    torch="fused",
 )
 
 optimizer(
@@ -78,6 +79,7 @@ ADAM_FAMILY = family(
             Field.flag("amsgrad"), Field.flag("maximize")),
     buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq"), Buffer("max_exp_avg_sq", when="amsgrad=True")),
     needs=lambda f: ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if f["amsgrad"] else ()),
+    torch="fused",
 )
 
 _ADAM_MATH = """with g the gradient (negated when maximize),
@@ -129,6 +131,7 @@ RMSPROP_FAMILY = family(
              Buffer("grad_avg", when="centered=True")),
     needs=lambda f: (("square_avg",) + (("momentum_buffer",) if f["momentum"] > 0.0 else ())
                      + (("grad_avg",) if f["centered"] else ())),
+    torch="single",
 )
 
 optimizer(

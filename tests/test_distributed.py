@@ -29,6 +29,8 @@ CASES = {
                    "checkpoint on 2 ranks, all bit-identical",
     "layout_mismatch": "different models on the ranks: a ValueError on every rank, no hang",
     "size_one": "a communicator of size 1: both wrappers are the plain optimizer",
+    "every_class": "every optimizer class (with all its state buffers) under DataParallel and "
+                   "ZeRO-1 on 2 ranks equals one process bit for bit, gathered state included",
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 
 import fastopt
 import fastopt.reference as R
+from fastopt.families import FAMILIES, OPTIMIZERS
 
 N = 37
 
@@ -48,6 +49,20 @@ def rmsprop_call(**over):
     for k, v in over.items():
         (args if k in args else kw)[k] = v
     return "rmsprop_", args, kw
+
+
+def call(family, **over):
+    """Arguments of a `<family>_` call (every state buffer given, non-negative, step 1) with
+    the named parts replaced: the generic row builder for any family."""
+    x = arrays()
+    rng = np.random.default_rng(2)
+    args = dict(param=x["param"], grad=x["grad"])
+    for name in FAMILIES[family].buffer_names:
+        args[name] = np.abs(rng.standard_normal(N)).astype(np.float32)
+    kw = dict(step=1)
+    for k, v in over.items():
+        (args if k in args else kw)[k] = v
+    return family + "_", args, kw
 
 
 _p = np.zeros(2 * N, np.float32)
@@ -104,6 +119,11 @@ FUNCTIONAL_ERRORS = [
     ("rmsprop momentum without buffer", rmsprop_call(momentum_buffer=None), ValueError,
      "momentum_buffer is required"),
 ]
+
+
+def test_every_family_and_class_has_error_rows():
+    assert {c[1][0] for c in FUNCTIONAL_ERRORS} == {f + "_" for f in FAMILIES}
+    assert {c[1].__name__ for c in STEP_ERRORS} >= set(OPTIMIZERS) - {"AdamW"}
 
 
 @pytest.mark.parametrize("module", [fastopt.functional, R], ids=["fastopt", "reference"])

@@ -6,9 +6,11 @@ import fastopt
 import fastopt.functional as F
 import fastopt.reference as R
 from fastopt import _core
-from cases import (ALL_CASES, POSITIONAL, STATE, TORCH_SKIP_REASON, TORCH_TAIL, assert_bitwise, assert_ulps,
-                   config_id, gradients, initial_param, run_functional, run_torch, tolerance,
-                   torch)
+from cases import (ALL_CASES, CONFIGS, FORMULAS, NAN_POSITIONS_MAY_DIFFER, TORCH_SKIP_REASON,
+                   TORCH_TAIL, assert_bitwise, assert_ulps, config_id, gradients,
+                   initial_param, initial_state, kernel_kwargs, run_functional, run_torch,
+                   state_names, tolerance, torch)
+from fastopt.families import FAMILIES
 
 LENGTHS = [0, 1, 7, 33, 1000, 100003]
 STEPS = 300
@@ -29,22 +31,44 @@ def test_against_reference_and_torch(family, cfg, n):
 
     bound = tolerance(family, cfg, "reference")
     assert_ulps(p, pr, bound, "param vs reference")
-    for name in STATE[family](cfg):
+    for name in state_names(family, cfg):
         assert_ulps(state[name], state_r[name], bound, f"{name} vs reference")
 
-    if torch is None:
+    how = FAMILIES[family].torch
+    if torch is None or how is None:      # (no torch peer: test_against_the_formula)
         return
     pt, state_t = run_torch(family, cfg, p0, grads)
-    pairs = [("param", p, pt)] + [(k, state[k], state_t[k]) for k in STATE[family](cfg)]
-    if family == "rmsprop":
+    pairs = [("param", p, pt)] + [(k, state[k], state_t[k]) for k in state_names(family, cfg)]
+    if how == "single":
         for name, a, b in pairs:
             assert_ulps(a, b, tolerance(family, cfg, "torch"), f"{name} vs torch")
         return
     body = n - n % TORCH_TAIL
     for name, a, b in pairs:
         assert_bitwise(a[:body], b[:body], f"{name} vs torch fused (vector body)")
-        assert_ulps(a[body:], b[body:], tolerance(family, cfg, "torch"),
+        assert_ulps(a[body:], b[body:], tolerance(family, cfg, "torch_tail"),
                     f"{name} vs torch fused (scalar tail)")
+
+
+FORMULA_CASES = [(fam, cfg) for fam in FORMULAS for cfg in CONFIGS[fam]]
+
+
+@pytest.mark.parametrize("family,cfg", FORMULA_CASES, ids=_ids(FORMULA_CASES))
+def test_against_the_formula(family, cfg):
+    """Families torch does not have: the kernel against its paper's formula, in float64."""
+    formula, bound, _, _ = FORMULAS[family]
+    n, steps = 1003, 50
+    p0, grads = initial_param(n, 13), gradients(n, steps, 13)
+    p, state = run_functional(F, family, cfg, p0, grads)
+    pf = p0.astype(np.float64)
+    sf = {k: v.astype(np.float64) for k, v in initial_state(family, cfg, n).items()}
+    kw, _ = kernel_kwargs(family, cfg)
+    for t, g in enumerate(grads, start=1):
+        formula(pf, g.astype(np.float64), sf, t, kw)
+    assert not np.array_equal(p, p0)
+    assert_ulps(p, pf, bound, "param vs formula")
+    for k in state:
+        assert_ulps(state[k], sf[k], bound, f"{k} vs formula")
 
 
 @pytest.mark.skipif(len(_core.available_isas()) < 2, reason="only one ISA path on this CPU")
@@ -100,11 +124,9 @@ def test_nan_inf_and_denormal_gradients(family, cfg):
     fed_nan = np.isnan(np.stack(grads)).any(axis=0)
     assert np.isnan(p[fed_nan]).all() and np.isnan(pr[fed_nan]).all(), \
         "a NaN gradient must reach the param, as in torch"
-    if family != "rmsprop":
-        # (centered RMSprop may differ where g*g overflows: the kernel's fma(-ga, ga, sa) is
-        # exact where the reference's sa - ga*ga is inf - inf)
+    if family not in NAN_POSITIONS_MAY_DIFFER:
         assert np.array_equal(np.isnan(p), np.isnan(pr)), "NaN positions differ from reference"
-    if torch is None or family == "rmsprop":
+    if torch is None or FAMILIES[family].torch != "fused":
         return
     pt, state_t = run_torch(family, cfg, p0, grads)
     body = n - n % TORCH_TAIL
@@ -129,22 +151,30 @@ def test_unaligned_views_give_the_same_result(family, cfg):
     big = np.zeros(n + 3, np.float32)
     view = big[3:]                           # 12 bytes past the start of the buffer
     view[...] = p0
-    names = STATE[family](cfg)
-    bufs = {k: np.zeros(n + 1, np.float32)[1:] for k in names}
+    names = state_names(family, cfg)
+    bufs = {}
+    for k, a in initial_state(family, cfg, n).items():
+        bufs[k] = np.zeros(n + 1, np.float32)[1:]
+        bufs[k][...] = a
+    kw, _ = kernel_kwargs(family, cfg)
+    counters = dict(FAMILIES[family].counter_defaults)
     fn = getattr(F, family + "_")
     for t, g in enumerate(grads, start=1):
-        fn(view, np.concatenate([[0], g]).astype(np.float32)[1:],
-           *[bufs.get(k) for k in POSITIONAL[family]], step=t, **cfg)
+        out = fn(view, np.concatenate([[0], g]).astype(np.float32)[1:],
+                 *[bufs.get(k) for k in FAMILIES[family].buffer_names], step=t, **kw,
+                 **counters)
+        counters.update(out or {})
     assert_bitwise(view, p_aligned, "param through unaligned views")
     for k in names:
         assert_bitwise(bufs[k], s_aligned[k], f"{k} through unaligned views")
 
 
-def test_zero_length_is_a_noop():
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_zero_length_is_a_noop(family):
     e = np.zeros(0, np.float32)
-    F.adam_(e, e.copy(), e.copy(), e.copy(), step=1)
-    F.sgd_(e, e.copy(), e.copy(), step=1, momentum=0.9)
-    F.rmsprop_(e, e.copy(), e.copy(), step=1)
+    fam = FAMILIES[family]
+    getattr(F, family + "_")(e, e.copy(), *[e.copy() for _ in fam.buffer_names], step=1)
+    getattr(R, family + "_")(e, e.copy(), *[e.copy() for _ in fam.buffer_names], step=1)
 
 
 def test_sgd_first_step_sets_the_buffer_to_the_gradient():

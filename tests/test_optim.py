@@ -5,28 +5,13 @@ import pytest
 import fastopt
 import fastopt.functional as F
 import fastopt.reference as R
-from cases import (TORCH_SKIP_REASON, TORCH_TAIL, assert_bitwise, assert_ulps, scaled_ulps,
+from cases import (CLASS_CONFIGS, CONFIGS, FORMULAS, FULL_STATE, TOLERANCES, TORCH_SKIP_REASON,
+                   TORCH_TAIL, assert_bitwise, assert_ulps, family_of, scaled_ulps, tolerance,
                    torch)
+from fastopt import _core
+from fastopt.families import FAMILIES, OPTIMIZERS
 
 SHAPES = [(8, 5), (5,), (5, 3), (3,), (), (2, 3, 4)]
-
-# name -> (class name, constructor kwargs); every public optimizer appears here.
-CLASS_CONFIGS = {
-    "sgd": ("SGD", dict(lr=0.05)),
-    "sgd_momentum_dampening": ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.2)),
-    "sgd_nesterov": ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-    "adam": ("Adam", dict(lr=0.01, weight_decay=0.01)),
-    "adam_amsgrad_maximize": ("Adam", dict(lr=0.01, amsgrad=True, maximize=True)),
-    "adamw": ("AdamW", dict(lr=0.01)),
-    "adamw_amsgrad": ("AdamW", dict(lr=0.01, amsgrad=True, betas=(0.8, 0.99))),
-    "rmsprop": ("RMSprop", dict(lr=0.01)),
-    "rmsprop_centered_momentum": ("RMSprop", dict(lr=0.01, centered=True, momentum=0.9,
-                                                  weight_decay=0.01)),
-}
-STATE_KEYS = {"SGD": ["momentum_buffer"],
-              "Adam": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-              "AdamW": ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"],
-              "RMSprop": ["square_avg", "momentum_buffer", "grad_avg"]}
 
 
 def test_every_public_optimizer_is_in_the_table():
@@ -34,7 +19,19 @@ def test_every_public_optimizer_is_in_the_table():
               if isinstance(getattr(fastopt, name), type)
               and issubclass(getattr(fastopt, name), fastopt.Optimizer)
               and name != "Optimizer"}
-    assert public == {cls for cls, _ in CLASS_CONFIGS.values()}
+    assert public == {cls for cls, _ in CLASS_CONFIGS.values()} == set(OPTIMIZERS)
+    assert set(FULL_STATE) == set(OPTIMIZERS)
+
+
+def test_every_family_is_in_the_tables_and_the_build():
+    assert set(CONFIGS) == set(FAMILIES) == set(_core.family_names())
+    for fam in FAMILIES.values():
+        against = {"fused": ("reference", "torch_tail"), "single": ("reference", "torch"),
+                   None: ("reference",)}[fam.torch]
+        for which in against:
+            assert (fam.name, which) in TOLERANCES, (fam.name, which)
+        if fam.torch is None:
+            assert fam.name in FORMULAS, f"{fam.name} has no torch peer and no formula test"
 
 
 def make_params(seed=0, shapes=SHAPES):
@@ -42,11 +39,20 @@ def make_params(seed=0, shapes=SHAPES):
     return [np.asarray(rng.standard_normal(s), np.float32) for s in shapes]
 
 
-def two_groups(params, cls):
+def two_groups(params, kwargs):
     """Two groups with different lr and weight decay (the torch test model's layout)."""
-    lr = {"SGD": 0.05, "Adam": 0.01, "AdamW": 0.01, "RMSprop": 0.01}[cls]
+    lr = kwargs.get("lr", 0.01)
     return [{"params": params[:3], "lr": lr, "weight_decay": 0.0},
             {"params": params[3:], "lr": 3 * lr, "weight_decay": 0.05}]
+
+
+def class_fields(cls, kwargs):
+    """The kernel fields of a class configuration (for the tolerance table)."""
+    spec = OPTIMIZERS[cls]
+    group = {k: v for k, v in spec.defaults.items() if k in spec.group_keys()}
+    group.update(spec.fixed)
+    group.update(kwargs)
+    return spec.fields_of(group)
 
 
 def grad_sequence(steps, seed=1, shapes=SHAPES):
@@ -56,7 +62,7 @@ def grad_sequence(steps, seed=1, shapes=SHAPES):
 
 
 def run_fastopt(module, cls, kwargs, params, grads, mid_run=None):
-    opt = getattr(module, cls)(two_groups(params, cls), **kwargs)
+    opt = getattr(module, cls)(two_groups(params, kwargs), **kwargs)
     for t, gs in enumerate(grads):
         if mid_run and t == len(grads) // 2:
             mid_run(opt.param_groups)
@@ -69,9 +75,11 @@ def run_fastopt(module, cls, kwargs, params, grads, mid_run=None):
 def run_torch_classes(cls, kwargs, params, grads, mid_run=None):
     tps = [torch.tensor(p.copy(), requires_grad=True) for p in params]
     kw = dict(kwargs)
-    if cls != "RMSprop":
+    if FAMILIES[family_of(cls)].torch == "fused":
         kw["fused"] = True
-    opt = getattr(torch.optim, cls)(two_groups(tps, cls), **kw)
+    else:
+        kw["foreach"] = False
+    opt = getattr(torch.optim, cls)(two_groups(tps, kwargs), **kw)
     for t, gs in enumerate(grads):
         if mid_run and t == len(grads) // 2:
             mid_run(opt.param_groups)
@@ -91,10 +99,16 @@ def change_hyperparameters(groups):
             g["momentum"] = 0.8
 
 
+WITH_TORCH = sorted(k for k, (cls, _) in CLASS_CONFIGS.items()
+                    if FAMILIES[family_of(cls)].torch is not None)
+
+
 @pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
-@pytest.mark.parametrize("name", sorted(CLASS_CONFIGS))
+@pytest.mark.parametrize("name", WITH_TORCH)
 def test_classes_match_torch_with_groups_and_a_mid_run_change(name):
     cls, kwargs = CLASS_CONFIGS[name]
+    family = FAMILIES[family_of(cls)]
+    fields = class_fields(cls, kwargs)
     params, grads = make_params(), grad_sequence(60)
     opt = run_fastopt(fastopt, cls, kwargs, params, grads, change_hyperparameters)
     topt, tps = run_torch_classes(cls, kwargs, params, grads, change_hyperparameters)
@@ -102,21 +116,24 @@ def test_classes_match_torch_with_groups_and_a_mid_run_change(name):
     for k, (p, tp) in enumerate(zip(opt.params, tps)):
         tstate = {key: v for key, v in topt.state[tp].items() if v is not None}
         state = opt.state.get(k, {})
-        assert {key for key in STATE_KEYS[cls] if key in tstate} == \
-            {key for key in state if key != "step"}
+        assert {key for key in family.buffer_names if key in tstate} == \
+            {key for key in state if key in family.buffer_names}
         pairs = [("param", p, tp.detach().numpy())]
         pairs += [(key, state[key], tstate[key].numpy())
-                  for key in STATE_KEYS[cls] if key in tstate]
+                  for key in family.buffer_names if key in tstate]
         for what, a, b in pairs:
             a, b = a.reshape(-1), b.reshape(-1)
-            if cls == "RMSprop":
-                assert_ulps(a, b, 512, f"param {k} {what}")
+            if family.torch == "single":
+                assert_ulps(a, b, tolerance(family.name, fields, "torch"), f"param {k} {what}")
                 continue
             body = a.size - a.size % TORCH_TAIL
             assert_bitwise(a[:body], b[:body], f"param {k} {what}")
-            assert_ulps(a[body:], b[body:], 64, f"param {k} {what} (torch's scalar tail)")
+            assert_ulps(a[body:], b[body:], tolerance(family.name, fields, "torch_tail"),
+                        f"param {k} {what} (torch's scalar tail)")
         if "step" in tstate:
             assert state["step"] == int(tstate["step"])
+        for name in family.counter_defaults:     # torch keeps them as float32 tensors
+            assert state[name] == float(tstate[name])
 
 
 @pytest.mark.parametrize("name", sorted(CLASS_CONFIGS))
@@ -125,10 +142,11 @@ def test_classes_match_the_reference_classes(name):
     params, grads = make_params(2), grad_sequence(60, 3)
     fast = run_fastopt(fastopt, cls, kwargs, params, grads, change_hyperparameters)
     ref = run_fastopt(R, cls, kwargs, params, grads, change_hyperparameters)
-    assert_ulps(fast.flat_params, ref.flat_params, 512, "params")
-    for key in STATE_KEYS[cls]:
+    bound = max(512, tolerance(family_of(cls), class_fields(cls, kwargs), "reference"))
+    assert_ulps(fast.flat_params, ref.flat_params, bound, "params")
+    for key in fast.family.buffer_names:
         if key in fast._state:
-            assert_ulps(fast._state[key], ref._state[key], 512, key)
+            assert_ulps(fast._state[key], ref._state[key], bound, key)
 
 
 @pytest.mark.parametrize("name", sorted(CLASS_CONFIGS))
@@ -141,29 +159,18 @@ def test_each_param_steps_as_the_functional_kernel_would(name):
         for view, g in zip(opt.grads, gs):
             view[...] = g
         opt.step()
-    hp = opt.param_groups[0]
+    fam = opt.family
+    fields = opt.spec.fields_of(opt.param_groups[0])
+    kw = {f.name: fields[f.name] for f in fam.user_fields}
+    fn = getattr(F, fam.name + "_")
     for k, p0 in enumerate(params):
         p = p0.reshape(-1).copy()
-        n = p.size
-        bufs = {key: np.zeros(n, np.float32) for key in STATE_KEYS[cls]}
+        bufs = {b.name: np.full(p.size, b.initial(fields), np.float32) for b in fam.buffers}
+        counters = dict(fam.counter_defaults)
         for t, gs in enumerate(grads, start=1):
-            g = gs[k].reshape(-1)
-            if cls == "SGD":
-                F.sgd_(p, g, bufs["momentum_buffer"], step=t, lr=hp["lr"],
-                       momentum=hp["momentum"], dampening=hp["dampening"],
-                       weight_decay=hp["weight_decay"], nesterov=hp["nesterov"],
-                       maximize=hp["maximize"])
-            elif cls in ("Adam", "AdamW"):
-                F.adam_(p, g, bufs["exp_avg"], bufs["exp_avg_sq"], bufs["max_exp_avg_sq"],
-                        step=t, lr=hp["lr"], beta1=hp["betas"][0], beta2=hp["betas"][1],
-                        eps=hp["eps"], weight_decay=hp["weight_decay"],
-                        decoupled=hp["decoupled_weight_decay"], amsgrad=hp["amsgrad"],
-                        maximize=hp["maximize"])
-            else:
-                F.rmsprop_(p, g, bufs["square_avg"], bufs["momentum_buffer"], bufs["grad_avg"],
-                           step=t, lr=hp["lr"], alpha=hp["alpha"], eps=hp["eps"],
-                           weight_decay=hp["weight_decay"], momentum=hp["momentum"],
-                           centered=hp["centered"], maximize=hp["maximize"])
+            out = fn(p, gs[k].reshape(-1), *[bufs[b] for b in fam.buffer_names], step=t, **kw,
+                     **counters)
+            counters.update(out or {})
         assert_bitwise(opt.params[k].reshape(-1), p, f"param {k}")
 
 
@@ -284,17 +291,17 @@ def test_stop_save_load_continue_is_bit_identical(module, name):
             view[...] = g
         opt.step()
 
-    straight = getattr(module, cls)(two_groups(params, cls), **kwargs)
+    straight = getattr(module, cls)(two_groups(params, kwargs), **kwargs)
     for gs in grads:
         feed(straight, gs)
 
-    first = getattr(module, cls)(two_groups(params, cls), **kwargs)
+    first = getattr(module, cls)(two_groups(params, kwargs), **kwargs)
     for gs in grads[:13]:
         feed(first, gs)
     saved_params = [p.copy() for p in first.params]
     sd = first.state_dict()
     del first
-    resumed = getattr(module, cls)(two_groups(saved_params, cls), **kwargs)
+    resumed = getattr(module, cls)(two_groups(saved_params, kwargs), **kwargs)
     resumed.load_state_dict(sd)
     for gs in grads[13:]:
         feed(resumed, gs)

@@ -7,8 +7,9 @@ from hypothesis import strategies as st
 import fastopt
 import fastopt.functional as F
 import fastopt.reference as R
-from cases import (POSITIONAL, STATE, TORCH_TAIL, assert_bitwise, assert_ulps, run_functional,
+from cases import (FULL_STATE, TORCH_TAIL, assert_bitwise, assert_ulps, run_functional,
                    run_torch, torch)
+from fastopt.families import FAMILIES
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -43,7 +44,12 @@ def rmsprop_cfg(draw):
                 centered=draw(flag), maximize=draw(flag))
 
 
+# One strategy a family: random hyperparameters of its functional kernel.
 CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg()}
+
+
+def test_every_family_has_a_strategy():
+    assert set(CFG) == set(FAMILIES)
 
 
 def trajectory(data, n, steps):
@@ -55,7 +61,7 @@ def trajectory(data, n, steps):
     return p0, grads
 
 
-@pytest.mark.parametrize("family", ["sgd", "adam", "rmsprop"])
+@pytest.mark.parametrize("family", sorted(CFG))
 @SETTINGS
 @given(data=st.data(), n=st.integers(0, 300), steps=st.integers(1, 6))
 def test_fused_matches_reference_and_torch(family, data, n, steps):
@@ -69,7 +75,7 @@ def test_fused_matches_reference_and_torch(family, data, n, steps):
     assert_ulps(p, pr, bound, "param vs reference")
     for k in state:
         assert_ulps(state[k], state_r[k], bound, f"{k} vs reference")
-    if torch is not None and family != "rmsprop":
+    if torch is not None and FAMILIES[family].torch == "fused":
         pt, state_t = run_torch(family, cfg, p0, grads)
         body = n - n % TORCH_TAIL
         assert_bitwise(p[:body], pt[:body], "param vs torch fused")
@@ -113,11 +119,11 @@ def test_arena_steps_each_param_like_the_functional_kernel(data, shape_list, spl
 @SETTINGS
 @given(data=st.data())
 def test_state_dict_round_trip_is_exact(data):
-    family = data.draw(st.sampled_from(["SGD", "Adam", "RMSprop"]))
+    family = data.draw(st.sampled_from(sorted(FULL_STATE)))
     n_steps = data.draw(st.integers(1, 4))
     rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
     params = [rng.standard_normal((3, 2)).astype(np.float32), rng.standard_normal(4).astype(np.float32)]
-    kw = {"SGD": dict(momentum=0.9), "Adam": dict(amsgrad=True), "RMSprop": dict(centered=True)}
+    kw = FULL_STATE
     a = getattr(fastopt, family)(params, **kw[family])
     for _ in range(n_steps):
         for g in a.grads:
@@ -131,15 +137,15 @@ def test_state_dict_round_trip_is_exact(data):
     for i in sa["state"]:
         assert sa["state"][i].keys() == sb["state"][i].keys()
         for key, v in sa["state"][i].items():
-            if key == "step":
+            if not isinstance(v, np.ndarray):      # step and counters
                 assert v == sb["state"][i][key]
             else:
                 assert_bitwise(v, sb["state"][i][key], key)
 
 
-def test_positional_table_matches_signatures():
+def test_functional_signatures_take_the_buffers_in_the_family_order():
     import inspect
-    for family, names in POSITIONAL.items():
-        sig = list(inspect.signature(getattr(F, family + "_")).parameters)
-        assert sig[2:2 + len(names)] == names
-        assert set(STATE[family]({"momentum": 1, "amsgrad": 1, "centered": 1})) == set(names)
+    for name, fam in FAMILIES.items():
+        sig = list(inspect.signature(getattr(F, name + "_")).parameters)
+        assert sig[:2 + len(fam.buffer_names)] == ["param", "grad", *fam.buffer_names]
+        assert sig == list(inspect.signature(getattr(R, name + "_")).parameters)

@@ -6,8 +6,9 @@ import fastopt
 import fastopt.functional as F
 import fastopt.reference as R
 from fastopt import _core
-from cases import (ALL_CASES, POSITIONAL, STATE, assert_bitwise, config_id, gradients,
-                   initial_param, run_functional)
+from cases import (ALL_CASES, FULL_STATE, assert_bitwise, config_id, gradients, initial_param,
+                   initial_state, kernel_kwargs, run_functional)
+from fastopt.families import FAMILIES
 
 needs_openmp = pytest.mark.skipif(not _core.have_openmp(), reason="built without OpenMP")
 
@@ -119,11 +120,14 @@ def test_fused_extras_change_no_bit(module, family, cfg):
     plain = run_functional(module, family, cfg, p0, [g * np.float32(c) for g in grads])
     fn = getattr(module, family + "_")
     p = p0.copy()
-    state = {k: np.zeros_like(p) for k in STATE[family](cfg)}
+    state = initial_state(family, cfg, n)
+    kw, _ = kernel_kwargs(family, cfg)
+    counters = dict(FAMILIES[family].counter_defaults)
     for t, g in enumerate(grads, start=1):
         g = g.copy()
-        fn(p, g, *[state.get(k) for k in POSITIONAL[family]], step=t, grad_multiplier=c,
-           zero_grad=True, **cfg)
+        out = fn(p, g, *[state.get(k) for k in FAMILIES[family].buffer_names], step=t,
+                 grad_multiplier=c, zero_grad=True, **kw, **counters)
+        counters.update(out or {})
         assert not g.any(), "the gradient was not zeroed"
     assert_bitwise(p, plain[0], "param")
     for k in state:
@@ -131,11 +135,11 @@ def test_fused_extras_change_no_bit(module, family, cfg):
 
 
 @pytest.mark.parametrize("module", [fastopt, R], ids=["fastopt", "reference"])
-@pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("cls", sorted(FULL_STATE))
 def test_step_zero_grad_matches_step_then_zero_grad(module, cls):
     rng = np.random.default_rng(3)
     params = [rng.standard_normal(s).astype(np.float32) for s in ((7, 3), (5,), (40,))]
-    kw = {"SGD": dict(momentum=0.9, nesterov=True), "RMSprop": dict(momentum=0.5)}.get(cls, {})
+    kw = FULL_STATE[cls]
     a = getattr(module, cls)(params, **kw)
     b = getattr(module, cls)(params, **kw)
     for t in range(6):

@@ -14,7 +14,7 @@ import pytest
 import fastopt
 import fastopt.reference as R
 from fastopt import _core
-from cases import TORCH_SKIP_REASON, assert_bitwise, torch
+from cases import FULL_STATE, TORCH_SKIP_REASON, assert_bitwise, torch
 
 SHAPES = [(30, 7), (7,), (129,), (3, 3, 3)]
 
@@ -138,7 +138,7 @@ def test_clip_grad_value_matches_torch():
 
 
 @pytest.mark.parametrize("module", [fastopt, R], ids=["fastopt", "reference"])
-@pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW", "RMSprop"])
+@pytest.mark.parametrize("cls", sorted(FULL_STATE))
 def test_step_with_max_grad_norm_is_clip_then_step(module, cls):
     a, b = make(cls, module), make(cls, module)
     for t in range(5):
@@ -198,9 +198,9 @@ def test_error_if_nonfinite_raises_and_leaves_the_gradients():
 
 @pytest.mark.parametrize("module", [fastopt, R], ids=["fastopt", "reference"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("cls", ["SGD", "Adam", "RMSprop"])
+@pytest.mark.parametrize("cls", sorted(FULL_STATE))
 def test_skip_nonfinite_skips_the_whole_step(module, bad, cls):
-    kw = {"SGD": dict(momentum=0.9)}.get(cls, {})
+    kw = FULL_STATE[cls]
     guarded = make(cls, module, skip_nonfinite=True, **kw)
     clean = make(cls, module, **kw)
     for t in range(6):
@@ -238,9 +238,7 @@ def test_without_the_guard_nan_propagates_as_in_torch():
 
 # ---- checkpoints --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cls,kw", [("SGD", dict(momentum=0.9, nesterov=True)),
-                                    ("Adam", dict(amsgrad=True)), ("AdamW", {}),
-                                    ("RMSprop", dict(centered=True, momentum=0.5))])
+@pytest.mark.parametrize("cls,kw", sorted(FULL_STATE.items()))
 def test_save_load_continue_is_bit_identical(tmp_path, cls, kw):
     straight = make(cls, **kw)
     first = make(cls, **kw)
