@@ -19,6 +19,8 @@ except ImportError as _e:  # the NumPy twin (fastopt.reference) still works
     _core_error = _e
 
     def __getattr__(name):
+        if name not in __all__ or name == "lr_scheduler":   # submodules: let imports find them
+            raise AttributeError(f"module 'fastopt' has no attribute {name!r}")
         raise ImportError(f"fastopt.{name} needs fastopt's compiled core, which does not import "
                           f"({_core_error}); fastopt.reference is the same API in NumPy")
 else:
