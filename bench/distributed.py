@@ -33,8 +33,7 @@ def run(make, n, steps, comm):
             samples.append(dict(opt.last_step_seconds))
     comm_s = float(np.median([s["comm"] for s in samples]))
     compute_s = float(np.median([s["compute"] for s in samples]))
-    state = (opt.state_nbytes if hasattr(type(opt), "state_nbytes")
-             else sum(a.nbytes for a in opt.optimizer._state.values()))
+    state = opt.state_nbytes          # (DataParallel passes it on from its optimizer)
     return comm_s, compute_s, comm.allgather(state)
 
 

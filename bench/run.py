@@ -4,8 +4,8 @@
     python bench/run.py --full                  # adds 5e7 params and mlp-25M, more repetitions
     python bench/run.py --no-torch --sizes 1e3,1e5 --layouts none --threads 1
 
-What is timed.  For each optimizer (sgd: SGD(lr=1e-3, momentum=0.9, nesterov=True,
-weight_decay=1e-4); rmsprop: RMSprop(lr=1e-3); adam: Adam(lr=1e-3); adamw: AdamW(lr=1e-3)) and
+What is timed.  For each optimizer of the OPTIMIZERS table below (sgd: SGD(lr=1e-3,
+momentum=0.9, nesterov=True, weight_decay=1e-4); adam: Adam(lr=1e-3); ...; one row a class) and
 each layout (one flat tensor of n params, or a model-shaped list of tensors: mlp-1M, many-10k,
 mlp-25M), every implementation is built on the same float32 params and the same fixed random
 gradients, and `opt.step()` is timed:
@@ -13,7 +13,8 @@ gradients, and `opt.step()` is timed:
   reference        fastopt.reference, pure NumPy, one thread
   torch fused / torch foreach / torch for-loop
                    torch.optim with fused=True / foreach=True / foreach=False, at each thread
-                   count (torch.set_num_threads); torch has no fused RMSprop
+                   count (torch.set_num_threads), where torch has the optimizer and the
+                   implementation (its family's declaration says which)
   ceiling r4w3 / ceiling r3w2
                    fastopt._core.probe_r4w3 / probe_r3w2: a bare C pass that reads and writes
                    as many float32 streams as Adam (28 B/param) / SGD and RMSprop (20 B/param),
@@ -31,7 +32,8 @@ dropped, saying why, when its first step takes over 10 budgets or, for torch at 
 threads, when the cost of one parallel region times its tensors would.  GB/s counts
 the minimal traffic of a step (params only, not the arena's alignment padding); "% ceil"
 divides it by the ceiling's GB/s at the same size and thread count; speedups are against the
-reference and against torch fused at the same thread count (torch foreach for RMSprop).
+reference and against torch fused at the same thread count (torch foreach where torch has no
+fused kernel).
 
 "Fused extras" times, at 1e7 params with Adam, what the fused kernel saves over separate
 passes: step(zero_grad=True) against step(); zero_grad(), and step(grad_multiplier=0.5)
@@ -61,8 +63,10 @@ import numpy as np
 import fastopt
 import fastopt.reference as reference
 from fastopt import _core
+from fastopt.families import OPTIMIZERS as FAMILY_CLASSES
 
-# name -> (class name, constructor kwargs, bytes of minimal traffic per param per step, probe)
+# name -> (class name, constructor kwargs, bytes of minimal traffic per param per step, probe):
+# one row a class, each family at least once
 OPTIMIZERS = {
     "sgd": ("SGD", dict(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4), 20, "r3w2"),
     "rmsprop": ("RMSprop", dict(lr=1e-3), 20, "r3w2"),
@@ -182,6 +186,16 @@ def make_case(opt_name, shapes, threads, torch, skip):
     return timed
 
 
+def torch_peer(opt_name):
+    """How torch has this optimizer (its family's declaration): 'fused', 'single' or None."""
+    return FAMILY_CLASSES[OPTIMIZERS[opt_name][0]].family.torch
+
+
+def baseline_of(opt_name):
+    """The torch implementation the speedups are against: fused where torch has it."""
+    return {"fused": "torch fused", "single": "torch foreach", None: None}[torch_peer(opt_name)]
+
+
 def skipped_impls(opt_name, layout, threads, torch, full):
     """-> {threads: {impl: reason}}: the rows left out of this case, and why."""
     skip = {t: {} for t in threads}
@@ -190,8 +204,12 @@ def skipped_impls(opt_name, layout, threads, torch, full):
             skip[t]["fastopt"] = skip[t]["ceiling"] = "fastopt was built without OpenMP"
         if torch is None:
             continue
-        if opt_name == "rmsprop":
-            skip[t]["torch fused"] = "torch has no fused RMSprop"
+        how = torch_peer(opt_name)
+        if how is None:
+            for impl in ("torch fused", "torch foreach", "torch for-loop"):
+                skip[t][impl] = f"torch has no {OPTIMIZERS[opt_name][0]}"
+        elif how == "single":
+            skip[t]["torch fused"] = f"torch has no fused {OPTIMIZERS[opt_name][0]}"
         if not full and layout == "many-10k":
             for impl in ("torch foreach", "torch for-loop"):
                 skip[t][impl] = "0.3-1 s per step on 10,000 tensors; --full runs them"
@@ -345,8 +363,10 @@ def print_table(results, reps):
         rows = [r for r in results if r["optimizer"] == opt_name]
         cls_name, kw, nbytes, _ = OPTIMIZERS[opt_name]
         args = ", ".join(f"{k}={v}" for k, v in kw.items())
+        base = rows[0]["torch_baseline"]
         print(f"\n{opt_name}: {cls_name}({args}), {nbytes} B/param/step; "
-              f"'vs torch' is against {rows[0]['torch_baseline']} at the same threads")
+              + (f"'vs torch' is against {base} at the same threads" if base
+                 else f"torch has no {cls_name}"))
         print(cols)
         for layout in dict.fromkeys(r["layout"] for r in rows):
             group = sorted((r for r in rows if r["layout"] == layout),
@@ -753,7 +773,7 @@ def main(argv=None):
         cpu.start()
         case_reps = time_rows(rows, budget, reps, torch, progress)
         others = cpu.others()
-        baseline = "torch foreach" if name == "rmsprop" else "torch fused"
+        baseline = baseline_of(name)
         for r in summarize(rows, name, lay, n, len(shapes), baseline):
             r.update(model_layout=lay in LAYOUTS, reps=case_reps, others_cores=others,
                      case_wall_s=time.perf_counter() - case0)

@@ -238,7 +238,7 @@ cdef object _record_bytes(const fo_family *f, record):
 cdef void _check_layout(const fo_family *f, object dtype) except *:
     """The record dtype must be the C struct: same size, same fields at the same offsets."""
     cdef size_t k
-    if dtype.itemsize != f.hparams_size or len(dtype.names) != f.nfields:
+    if dtype.itemsize != f.hparams_size or len(dtype.names) != <Py_ssize_t>f.nfields:
         raise ValueError(f"{f.name.decode()}: the hyperparameter dtype ({dtype.itemsize} bytes, "
                          f"{len(dtype.names)} fields) is not the C struct ({f.hparams_size} "
                          f"bytes, {f.nfields} fields)")
@@ -252,19 +252,27 @@ cdef void _check_layout(const fo_family *f, object dtype) except *:
                              f"{f.fields[k].offset}")
 
 
-cdef int _pack(const fo_family *f, dict fields, unsigned char *out) except -1:
+cdef dict _FIELDS = {}   # family -> ((name, offset, is_double), ...) from C's table, decoded once
+
+
+cdef int _pack(const fo_family *f, str family, dict fields, unsigned char *out) except -1:
     """Write the fields into a C struct of the family's, by name, at C's own offsets."""
     cdef size_t k
-    for k in range(f.nfields):
-        name = f.fields[k].name.decode()
+    cdef Py_ssize_t off
+    table = _FIELDS.get(family)
+    if table is None:
+        table = _FIELDS[family] = tuple(
+            (f.fields[k].name.decode(), f.fields[k].offset, f.fields[k].type == FO_F64)
+            for k in range(f.nfields))
+    for name, off, is_double in table:
         try:
             value = fields[name]
         except KeyError:
-            raise ValueError(f"{f.name.decode()}: hyperparameter {name!r} is not given") from None
-        if f.fields[k].type == FO_F64:
-            (<double *>(out + f.fields[k].offset))[0] = value
+            raise ValueError(f"{family}: hyperparameter {name!r} is not given") from None
+        if is_double:
+            (<double *>(out + off))[0] = value
         else:
-            (<int32_t *>(out + f.fields[k].offset))[0] = value
+            (<int32_t *>(out + off))[0] = value
     return 0
 
 
@@ -282,7 +290,7 @@ def kernel(str family, float[::1] param, grad, list state, Py_ssize_t start, Py_
     cdef fo_grad_opts opts
     cdef float *bufs[FO_MAX_BUFFERS]
     cdef float[::1] b
-    cdef Py_ssize_t n = stop - start, glen
+    cdef Py_ssize_t n = stop - start, glen = 0
     cdef size_t k
     cdef list keep = []
     cdef float *g = _grad_ptr(grad, zero_grad, &glen, keep)
@@ -290,34 +298,44 @@ def kernel(str family, float[::1] param, grad, list state, Py_ssize_t start, Py_
     cdef fo_exec ex = _exec()
     if f.hparams_size > sizeof(storage):
         raise ValueError(f"{family}: hyperparameter struct of {f.hparams_size} bytes")
-    _pack(f, fields, raw)
+    _pack(f, family, fields, raw)
     used = f.needs(raw)
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
-    if len(state) != f.nbuffers:
+    if len(state) != <Py_ssize_t>f.nbuffers:
         raise ValueError(f"{family} takes {f.nbuffers} state buffers, got {len(state)}")
     _check_range("param", param.shape[0], start, stop)
     _check_range("grad", glen, start, stop)
-    names, ptrs = ["param", "grad"], [<uintptr_t>&param[start] if n else 0,
-                                      <uintptr_t>(g + start) if n else 0]
-    for k in range(FO_MAX_BUFFERS):
+    for k in range(<size_t>FO_MAX_BUFFERS):
         bufs[k] = NULL
     for k in range(f.nbuffers):
         if not used >> k & 1:
             continue
-        bname = f.buffers[k].decode()
         if state[k] is None:
-            raise ValueError(f"{bname} is required by the options given")
+            raise ValueError(f"{f.buffers[k].decode()} is required by the options given")
         b = state[k]
         keep.append(b)
-        _check_range(bname, b.shape[0], start, stop)
+        _check_range(f.buffers[k].decode(), b.shape[0], start, stop)
         if b.shape[0]:
             bufs[k] = &b[0]
-            names.append(bname)
-            ptrs.append(<uintptr_t>(bufs[k] + start))
     if n == 0:
         return
-    _check_disjoint(names, ptrs, [n * sizeof(float)] * len(ptrs))
+    # C never sees two overlapping buffers
+    cdef uintptr_t spans[2 + FO_MAX_BUFFERS]
+    cdef size_t count = 2, i, j
+    cdef uintptr_t nbytes = n * sizeof(float)
+    spans[0], spans[1] = <uintptr_t>&param[start], <uintptr_t>(g + start)
+    for k in range(f.nbuffers):
+        if bufs[k] != NULL:
+            spans[count] = <uintptr_t>(bufs[k] + start)
+            count += 1
+    for i in range(count):
+        for j in range(i + 1, count):
+            if spans[i] < spans[j] + nbytes and spans[j] < spans[i] + nbytes:
+                names = ["param", "grad"] + [f.buffers[k].decode() for k in range(f.nbuffers)
+                                             if bufs[k] != NULL]
+                raise ValueError(f"{names[i]} and {names[j]} overlap in memory; every buffer "
+                                 "must be a separate array")
     grp.start, grp.stop, grp.step, grp.hparams = start, stop, step, raw
     opts = _grad_opts(grad_multiplier, zero_grad)
     with nogil:

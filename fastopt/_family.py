@@ -21,7 +21,15 @@ from fastopt import _validate as V
 
 def real(*, lo=None, lo_open=False, hi=None, hi_open=False):
     """A finite real number in the given bounds."""
+    low = -float("inf") if lo is None else lo
+    high = float("inf") if hi is None else hi
+
     def check(name, x):
+        # the common case inline (a float in bounds; x - x is 0 unless x is inf or NaN), else
+        # the full check with its messages
+        if type(x) is float and x - x == 0.0 and (x > low if lo_open else x >= low) and \
+                (x < high if hi_open else x <= high):
+            return x
         return V.real(name, x, lo=lo, lo_open=lo_open, hi=hi, hi_open=hi_open)
     check.bounds = (lo, lo_open, hi, hi_open)
     return check
@@ -33,8 +41,7 @@ UNIT = real(lo=0.0, hi=1.0)                 # [0, 1]
 UNIT_OPEN = real(lo=0.0, hi=1.0, hi_open=True)   # [0, 1)
 
 
-def flag(name, x):
-    return V.flag(name, x)
+flag = V.flag
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def make(backend, fam):
            "grad_multiplier, zero_grad)\n")
     when = {b.name: b.when or "the options given" for b in fam.buffers}
     kernel, family, per_step = backend.kernel, fam.name, fam.per_step
+    why = {}      # buffers used -> why each is required (for messages)
 
     def _call(param, grad, state, step, values, counters, grad_multiplier, zero_grad):
         fields = fam.check_fields(values)
@@ -50,9 +51,11 @@ def make(backend, fam):
         if grad_multiplier != 1.0 or zero_grad is not False:
             grad_multiplier, zero_grad = V.grad_options(grad_multiplier, zero_grad)
         used = fam.needs(fields)
+        required = why.get(used)
+        if required is None:
+            required = why[used] = {b: when[b] for b in used}
         n = V.buffers([("param", param, True), ("grad", grad, zero_grad)]
-                      + [(b, a, b in used) for b, a in zip(bufs, state)],
-                      {b: when[b] for b in used})
+                      + [(b, a, b in used) for b, a in zip(bufs, state)], required)
         if per_step is not None:
             # the functional count starts every buffer on step 1 (SGD's first momentum step)
             fields.update(per_step(fields, step, bufs if step == 1 else (), counters))

@@ -82,6 +82,10 @@ class Optimizer:
         self._fields = [None] * ngroups                    # kernel fields sent, per group
         self._derived = [None] * ngroups                   # derived fields sent, per group
         self._fresh = [() for _ in range(ngroups)]         # buffers starting next step
+        # whether the next step must (re)compute derived fields: always for a family with
+        # counters; for SGD's first_step, from a refresh until the step after it
+        self._derive_pending = False
+        self._fresh_pending = False     # some group has buffers starting on the next step
         # The part of the arena this optimizer updates and keeps state for: all of it, except
         # in a sharded (ZeRO) optimizer, which holds one rank's contiguous share [lo, hi).
         self._lo, self._hi = lo, hi = self._shard_range(arena)
@@ -141,6 +145,11 @@ class Optimizer:
         return self._collect_state(copy=False)
 
     @property
+    def state_nbytes(self):
+        """Bytes of optimizer state this process holds (a ZeRO rank: its shard's)."""
+        return sum(a.nbytes for a in self._state.values())
+
+    @property
     def step_counts(self):
         """Steps taken by each param group (a copy)."""
         return list(self._steps)
@@ -183,7 +192,11 @@ class Optimizer:
         if max_grad_norm is not None:
             max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
             norm_type = norm_type_arg(norm_type)
-        changed = self._changed_groups()               # may raise: nothing has changed yet
+        snapshot, seen, changed = self._snapshot, self._seen, None
+        for i, group in enumerate(self.param_groups):
+            if snapshot(group) != seen[i]:
+                changed = self._changed_groups()       # may raise: nothing has changed yet
+                break
         if max_grad_norm is not None or self.skip_nonfinite:
             total, nonfinite = self._backend.grad_norm(
                 self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
@@ -200,9 +213,13 @@ class Optimizer:
                     grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
         if changed:
             self._refresh(changed)
-        derived = self._derive()
+        derived = self._derive() if self._derive_pending else None
         self._run(grad_multiplier, zero_grad)
-        self._advance(derived)
+        steps = self._steps
+        for i in range(len(steps)):
+            steps[i] += 1
+        if self._fresh_pending or derived is not None:
+            self._advance(derived)
         return loss if closure is not None else True
 
     def state_dict(self):
@@ -309,6 +326,7 @@ class Optimizer:
                     self._new_state_arena(b.name)
                 self._state[b.name][start:stop] = b.initial(fields)
             self._fresh[i] = tuple(b.name for b in fresh)
+            self._fresh_pending = self._fresh_pending or bool(fresh)
             kernel = {f.name: fields[f.name] for f in fam.user_fields}
             self._stepper.set_fields(i, {**kernel, **fam.derive(kernel, self._steps[i] + 1,
                                                                  self._fresh[i],
@@ -316,34 +334,35 @@ class Optimizer:
             self._fields[i] = kernel
             self._derived[i] = None
             self._seen[i] = raw
+        self._derive_pending = fam.per_step is not None
 
     def _derive(self):
         """The derived fields of this step (SGD's first step, NAdam's mu product), sent to
         the stepper where they changed -> [dict] per group."""
         fam = self._family
-        if fam.per_step is None:
-            return None
-        out = []
+        out, changed = [], False
         for i, fields in enumerate(self._fields):
             d = fam.derive(fields, self._steps[i] + 1, self._fresh[i], self._counters[i])
             if d != self._derived[i]:
                 self._stepper.set_fields(i, d)
                 self._derived[i] = d
+                changed = True
             out.append(d)
+        if not changed and not fam.counters:
+            self._derive_pending = False        # constant from here until the next refresh
         return out
 
     def _advance(self, derived):
-        """After a step: the counts, the counters and the buffers that started."""
-        steps = self._steps
-        for i in range(len(steps)):
-            steps[i] += 1
+        """After a step that started buffers or derived fields: the buffers that started, and
+        the counters."""
+        for i in range(len(self._fresh)):
             if self._fresh[i]:
                 self._live[i].update(self._fresh[i])
                 self._fresh[i] = ()
-        if derived is not None and self._family.counters:
-            for i, d in enumerate(derived):
-                for name in self._family.counter_defaults:
-                    self._counters[i][name] = d[name]
+        self._fresh_pending = False
+        for i, d in enumerate(derived or ()):
+            for name in self._family.counter_defaults:
+                self._counters[i][name] = d[name]
 
     # ---- internals (and the hooks a sharded optimizer overrides) -------------------------
 

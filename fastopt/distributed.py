@@ -193,12 +193,6 @@ class _Zero:
         return full
 
     @property
-    def state_nbytes(self):
-        """Bytes of optimizer state this rank holds (1/size of one process's, up to
-        alignment)."""
-        return sum(a.nbytes for a in self._state.values())
-
-    @property
     def state(self):
         """Gathered copies (a collective); a shard's state is not a view into one arena."""
         return self._collect_state(copy=True)
