@@ -34,17 +34,21 @@ def make(backend, fam):
     parts += [f"{c}=_counters[{c!r}]" for c in fam.counter_defaults]
     parts += ["grad_multiplier=1.0", "zero_grad=False"]
     name = fam.name + "_"
+    # each field's check is called straight from the generated code (the per-call cost
+    # matters at small sizes), then the checks across fields
+    checks = ", ".join(f"{f.name!r}: _check[{k}]({f.name!r}, {f.name})"
+                       for k, f in enumerate(fam.user_fields))
     src = (f"def {name}({', '.join(parts)}):\n"
-           f"    return _call(param, grad, ({', '.join(bufs)},), step, "
-           f"{{{', '.join(f'{f.name!r}: {f.name}' for f in fam.user_fields)}}}, "
+           f"    fields = {{{checks}}}\n"
+           + ("    _across(fields, '')\n" if fam.check is not None else "")
+           + f"    return _call(param, grad, ({', '.join(bufs)},), step, fields, "
            f"{{{', '.join(f'{c!r}: {c}' for c in fam.counter_defaults)}}}, "
            "grad_multiplier, zero_grad)\n")
     when = {b.name: b.when or "the options given" for b in fam.buffers}
     kernel, family, per_step = backend.kernel, fam.name, fam.per_step
     why = {}      # buffers used -> why each is required (for messages)
 
-    def _call(param, grad, state, step, values, counters, grad_multiplier, zero_grad):
-        fields = fam.check_fields(values)
+    def _call(param, grad, state, step, fields, counters, grad_multiplier, zero_grad):
         for c in counters:
             counters[c] = V.real(c, counters[c])
         step = V.step(step)
@@ -64,7 +68,8 @@ def make(backend, fam):
         if counters:
             return {c: fields[c] for c in counters}
 
-    namespace = {"_call": _call, "_defaults": defaults, "_counters": fam.counter_defaults}
+    namespace = {"_call": _call, "_defaults": defaults, "_counters": fam.counter_defaults,
+                 "_check": [f.check for f in fam.user_fields], "_across": fam.check}
     exec(src, namespace)
     fn = namespace[name]
     fn.__doc__ = (f"One in-place {fam.name} step on 1-D C-contiguous float32 arrays of one "
