@@ -44,7 +44,7 @@ def make(backend, fam):
            + f"    return _call(param, grad, ({', '.join(bufs)},), step, fields, "
            f"{{{', '.join(f'{c!r}: {c}' for c in fam.counter_defaults)}}}, "
            "grad_multiplier, zero_grad)\n")
-    when = {b.name: b.when or "the options given" for b in fam.buffers}
+    when = {b.name: b.when or None for b in fam.buffers}     # None: every step uses it
     kernel, family, per_step = backend.kernel, fam.name, fam.per_step
     why = {}      # buffers used -> why each is required (for messages)
 

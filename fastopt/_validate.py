@@ -83,8 +83,8 @@ def float32_array(name, a):
 def buffers(named, required):
     """Check the arrays of a functional kernel call; return their common length.
 
-    `named` lists (name, array or None, written) with the param first; `required` names the
-    optional buffers that the options need.  Arrays must be 1-D, C-contiguous, aligned float32
+    `named` lists (name, array or None, written) with the param first; `required` maps the
+    buffers that must be given to the options that need them (None: always needed).  Arrays must be 1-D, C-contiguous, aligned float32
     of the param's length, writeable when the kernel writes them, and no two may overlap.
     """
     n = None
@@ -92,7 +92,9 @@ def buffers(named, required):
     for name, a, written in named:
         if a is None:
             if name in required:
-                raise ValueError(f"{name} is required by the options given ({required[name]})")
+                why = required[name]
+                raise ValueError(f"{name} is required by the options given ({why})" if why
+                                 else f"{name} is required")
             continue
         float32_array(name, a)
         if a.ndim != 1:
