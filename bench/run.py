@@ -72,7 +72,10 @@ OPTIMIZERS = {
     "rmsprop": ("RMSprop", dict(lr=1e-3), 20, "r3w2"),
     "adam": ("Adam", dict(lr=1e-3), 28, "r4w3"),
     "adamw": ("AdamW", dict(lr=1e-3), 28, "r4w3"),
+    "adamax": ("Adamax", dict(lr=1e-3), 28, "r4w3"),
 }
+
+
 QUICK_SIZES = [10**3, 10**4, 10**5, 10**6, 10**7]
 FULL_SIZES = QUICK_SIZES + [5 * 10**7]
 

@@ -151,3 +151,36 @@ optimizer(
     `foreach` is accepted and ignored.  A momentum raised from 0 (or centered switched on)
     mid-run starts its buffer at zero, as torch's would have been.
     """)
+
+
+# ---- Adamax ---------------------------------------------------------------------------------
+
+ADAMAX_FAMILY = family(
+    name="adamax",
+    fields=(Field("lr", 2e-3, NONNEG), Field("beta1", 0.9, UNIT_OPEN),
+            Field("beta2", 0.999, UNIT_OPEN), Field("eps", 1e-8, POSITIVE),
+            Field("weight_decay", 0.0, NONNEG), Field.flag("maximize")),
+    buffers=(Buffer("exp_avg"), Buffer("exp_inf")),
+    needs=lambda f: ("exp_avg", "exp_inf"),
+    torch="single",
+)
+
+optimizer(
+    name="Adamax", family=ADAMAX_FAMILY,
+    signature=("lr", "betas", "eps", "weight_decay", "foreach", "*", "maximize",
+               "differentiable", "capturable"),
+    defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=None,
+                  maximize=False, differentiable=False, capturable=False),
+    keys={"betas": ("beta1", "beta2")},
+    doc="""Adamax: Adam with the infinity norm in place of the second moment, with weight decay
+    and maximize.
+
+    torch.optim.Adamax's arguments, defaults and per-element math (its foreach=False loop,
+    bitwise): with g the gradient (negated when maximize),
+        g += weight_decay * p
+        m = lerp(m, g, 1-beta1);  u = max(beta2*u, |g| + eps)     (NaN propagates)
+        p -= lr/(1-beta1^t) * m / u
+    `foreach` is accepted and ignored.  eps must be > 0 (torch accepts 0, which divides 0 by 0
+    where a gradient has always been zero).  The state dict keeps 'step' as an int, where torch
+    keeps a float tensor.
+    """)

@@ -152,6 +152,24 @@ def rmsprop(p, grad, square_avg, momentum_buffer, grad_avg, *, step, lr, alpha, 
         p += t2
 
 
+def adamax(p, grad, exp_avg, exp_inf, *, step, lr, beta1, beta2, eps, weight_decay, maximize,
+           grad_multiplier=1.0, zero_grad=False):
+    m, u = exp_avg, exp_inf
+    t1, t2 = _scratch(p.size)
+    g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    _lerp_(m, g, 1.0 - beta1, t2)
+    u *= beta2
+    np.abs(g, out=t2)
+    t2 += eps
+    np.maximum(u, t2, out=u)          # NaN in either propagates, as torch.maximum
+    if zero_grad:
+        grad.fill(0.0)
+    clr = lr / (1.0 - beta1 ** step)
+    np.multiply(m, -clr, out=t2)
+    t2 /= u
+    p += t2
+
+
 # ---- the backend interface shared with fastopt._core ---------------------------------------
 
 def kernel(family, param, grad, state, start, stop, step, fields, grad_multiplier=1.0,

@@ -42,7 +42,12 @@ RMSPROP_CONFIGS = [
     for c, m, wd, mx, a in itertools.product(
         [False, True], [0.0, 0.9], [0.0, 0.05], [False, True], [0.99, 0.3])
 ]
-CONFIGS = {"sgd": SGD_CONFIGS, "adam": ADAM_CONFIGS, "rmsprop": RMSPROP_CONFIGS}
+ADAMAX_CONFIGS = [
+    dict(lr=0.01, beta1=b1, beta2=0.999, eps=1e-8, weight_decay=wd, maximize=mx)
+    for wd, mx, b1 in itertools.product([0.0, 0.05], [False, True], [0.9, 0.3])
+]
+CONFIGS = {"sgd": SGD_CONFIGS, "adam": ADAM_CONFIGS, "rmsprop": RMSPROP_CONFIGS,
+           "adamax": ADAMAX_CONFIGS}
 ALL_CASES = [(fam, cfg) for fam, cfgs in CONFIGS.items() for cfg in cfgs]
 
 
@@ -63,6 +68,8 @@ CLASS_CONFIGS = {
     "rmsprop": ("RMSprop", dict(lr=0.01)),
     "rmsprop_centered_momentum": ("RMSprop", dict(lr=0.01, centered=True, momentum=0.9,
                                                   weight_decay=0.01)),
+    "adamax": ("Adamax", dict(lr=0.01, weight_decay=0.01)),
+    "adamax_maximize": ("Adamax", dict(lr=0.01, betas=(0.3, 0.99), maximize=True)),
 }
 
 # Per class, a configuration that uses every state buffer (state-dict and checkpoint tests).
@@ -71,6 +78,7 @@ FULL_STATE = {
     "Adam": dict(amsgrad=True),
     "AdamW": dict(amsgrad=True),
     "RMSprop": dict(centered=True, momentum=0.5),
+    "Adamax": dict(weight_decay=0.01),
 }
 
 
@@ -247,6 +255,11 @@ TOLERANCES = {
                                "lr times it"),
     ("rmsprop", "torch"): (512, 36, "as against the reference; torch's sqrt is MKL's, which is "
                            "not correctly rounded"),
+    ("adamax", "reference"): (256, 45, "the reference rounds wd*p and the lerp's w*(g-m) (the "
+                              "kernel fuses them): with |g| up to 1e2, that rounding is up to "
+                              "~50 ulps of a small exp_avg (param 2.5, exp_inf 1.2 measured)"),
+    ("adamax", "torch"): (0, 0, "bitwise: torch's loop has no sqrt, and its wd add and lerp "
+                          "are the kernel's FMAs"),
 }
 
 # Configurations that need a wider bound: (family, against or None for any, predicate on the

@@ -118,6 +118,14 @@ FUNCTIONAL_ERRORS = [
      "grad_avg is required by the options given \\(centered=True\\)"),
     ("rmsprop momentum without buffer", rmsprop_call(momentum_buffer=None), ValueError,
      "momentum_buffer is required"),
+    ("adamax beta2 = 1", call("adamax", beta2=1.0), ValueError, "beta2 must be < 1"),
+    ("adamax eps = 0", call("adamax", eps=0.0), ValueError, "eps must be > 0"),
+    ("adamax exp_inf length", call("adamax", exp_inf=np.zeros(N + 1, np.float32)), ValueError,
+     "exp_inf has length 38, but param has length 37"),
+    ("adamax state aliased", call("adamax", exp_avg=_alias, exp_inf=_alias), ValueError,
+     "overlap in memory"),
+    ("adamax without exp_inf", call("adamax", exp_inf=None), ValueError,
+     "exp_inf is required"),
 ]
 
 
@@ -187,6 +195,9 @@ CONSTRUCTOR_ERRORS = [
     ("mixed groups", lambda: fastopt.SGD([{"params": params()}, np.ones(2, np.float32)]),
      TypeError, "mixes dicts"),
     ("capturable", lambda: fastopt.Adam(params(), capturable=True), ValueError, "capturable"),
+    ("adamax betas", lambda: fastopt.Adamax(params(), betas=(1.0, 0.999)), ValueError,
+     r"betas\[0\] must be < 1"),
+    ("adamax eps", lambda: fastopt.Adamax(params(), eps=0.0), ValueError, "eps must be > 0"),
     ("not iterable", lambda: fastopt.Adam(3.0), TypeError, "params must be an iterable"),
     ("duplicate names", lambda: fastopt.SGD([{"params": {"w": params()[0]}},
                                              {"params": {"w": params()[1]}}]),
@@ -240,6 +251,8 @@ STEP_ERRORS = [
      r"param_groups\[1\].eps must be a real number"),
     ("amsgrad flag", fastopt.Adam, dict(), 1, "amsgrad", "yes", TypeError,
      r"param_groups\[1\].amsgrad must be a bool"),
+    ("adamax betas", fastopt.Adamax, dict(), 1, "betas", (0.9, -0.1), ValueError,
+     r"param_groups\[1\].betas\[1\] must be >= 0"),
 ]
 
 

@@ -44,8 +44,14 @@ def rmsprop_cfg(draw):
                 centered=draw(flag), maximize=draw(flag))
 
 
+@st.composite
+def adamax_cfg(draw):
+    return dict(lr=draw(lr), beta1=draw(unit), beta2=draw(unit),
+                eps=draw(st.floats(1e-12, 1e-3)), weight_decay=draw(wd), maximize=draw(flag))
+
+
 # One strategy a family: random hyperparameters of its functional kernel.
-CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg()}
+CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg(), "adamax": adamax_cfg()}
 
 
 def test_every_family_has_a_strategy():
