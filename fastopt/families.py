@@ -184,3 +184,34 @@ optimizer(
     where a gradient has always been zero).  The state dict keeps 'step' as an int, where torch
     keeps a float tensor.
     """)
+
+
+# ---- Adadelta -------------------------------------------------------------------------------
+
+ADADELTA_FAMILY = family(
+    name="adadelta",
+    fields=(Field("lr", 1.0, NONNEG), Field("rho", 0.9, UNIT), Field("eps", 1e-6, POSITIVE),
+            Field("weight_decay", 0.0, NONNEG), Field.flag("maximize")),
+    buffers=(Buffer("square_avg"), Buffer("acc_delta")),
+    needs=lambda f: ("square_avg", "acc_delta"),
+    torch="single",
+)
+
+optimizer(
+    name="Adadelta", family=ADADELTA_FAMILY,
+    signature=("lr", "rho", "eps", "weight_decay", "foreach", "*", "capturable", "maximize",
+               "differentiable"),
+    defaults=dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None, capturable=False,
+                  maximize=False, differentiable=False),
+    doc="""Adadelta, with weight decay and maximize.
+
+    torch.optim.Adadelta's arguments, defaults and per-element math (its foreach=False loop, to
+    a few ulp: torch's sqrt is MKL's, which is not correctly rounded; ours is IEEE): with g the
+    gradient (negated when maximize),
+        g += weight_decay * p;   sa = rho*sa + (1-rho)*g*g
+        delta = sqrt(ad + eps) / sqrt(sa + eps) * g;   ad = rho*ad + (1-rho)*delta*delta
+        p -= lr * delta
+    `foreach` is accepted and ignored.  eps must be > 0 (torch accepts 0, which makes every
+    delta 0, or 0/0 where sa is 0).  The state dict keeps 'step' as an int, where torch keeps
+    a float tensor; as in torch, the step count is kept but unused.
+    """)

@@ -170,6 +170,33 @@ def adamax(p, grad, exp_avg, exp_inf, *, step, lr, beta1, beta2, eps, weight_dec
     p += t2
 
 
+def adadelta(p, grad, square_avg, acc_delta, *, step, lr, rho, eps, weight_decay, maximize,
+             grad_multiplier=1.0, zero_grad=False):
+    sa, ad = square_avg, acc_delta
+    n = p.size
+    a, b = _scratch(2 * n)            # three work buffers of n: g, std, sqrt(ad + eps)
+    t1, t2, t3 = a[:n], a[n:], b[:n]
+    g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    sa *= rho
+    np.multiply(g, 1.0 - rho, out=t2)
+    t2 *= g
+    sa += t2
+    std = np.add(sa, eps, out=t2)
+    np.sqrt(std, out=std)
+    delta = np.add(ad, eps, out=t3)
+    np.sqrt(delta, out=delta)
+    delta /= std
+    delta *= g
+    if zero_grad:
+        grad.fill(0.0)
+    ad *= rho
+    np.multiply(delta, 1.0 - rho, out=t2)
+    t2 *= delta
+    ad += t2
+    np.multiply(delta, -lr, out=t2)
+    p += t2
+
+
 # ---- the backend interface shared with fastopt._core ---------------------------------------
 
 def kernel(family, param, grad, state, start, stop, step, fields, grad_multiplier=1.0,

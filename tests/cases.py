@@ -46,8 +46,12 @@ ADAMAX_CONFIGS = [
     dict(lr=0.01, beta1=b1, beta2=0.999, eps=1e-8, weight_decay=wd, maximize=mx)
     for wd, mx, b1 in itertools.product([0.0, 0.05], [False, True], [0.9, 0.3])
 ]
+ADADELTA_CONFIGS = [
+    dict(lr=1.0, rho=rho, eps=1e-6, weight_decay=wd, maximize=mx)
+    for wd, mx, rho in itertools.product([0.0, 0.05], [False, True], [0.9, 0.3])
+]
 CONFIGS = {"sgd": SGD_CONFIGS, "adam": ADAM_CONFIGS, "rmsprop": RMSPROP_CONFIGS,
-           "adamax": ADAMAX_CONFIGS}
+           "adamax": ADAMAX_CONFIGS, "adadelta": ADADELTA_CONFIGS}
 ALL_CASES = [(fam, cfg) for fam, cfgs in CONFIGS.items() for cfg in cfgs]
 
 
@@ -70,6 +74,8 @@ CLASS_CONFIGS = {
                                                   weight_decay=0.01)),
     "adamax": ("Adamax", dict(lr=0.01, weight_decay=0.01)),
     "adamax_maximize": ("Adamax", dict(lr=0.01, betas=(0.3, 0.99), maximize=True)),
+    "adadelta": ("Adadelta", dict(lr=0.5, weight_decay=0.01)),
+    "adadelta_maximize": ("Adadelta", dict(rho=0.5, eps=1e-5, maximize=True)),
 }
 
 # Per class, a configuration that uses every state buffer (state-dict and checkpoint tests).
@@ -79,6 +85,7 @@ FULL_STATE = {
     "AdamW": dict(amsgrad=True),
     "RMSprop": dict(centered=True, momentum=0.5),
     "Adamax": dict(weight_decay=0.01),
+    "Adadelta": dict(weight_decay=0.01),
 }
 
 
@@ -260,6 +267,14 @@ TOLERANCES = {
                               "~50 ulps of a small exp_avg (param 2.5, exp_inf 1.2 measured)"),
     ("adamax", "torch"): (0, 0, "bitwise: torch's loop has no sqrt, and its wd add and lerp "
                           "are the kernel's FMAs"),
+    ("adadelta", "reference"): (32, 7, "the reference rounds (1-rho)*g*g, wd*p, lr*delta and "
+                                "(1-rho)*delta^2 before adding them (the kernel fuses them): "
+                                "half an ulp of sa a step, which the rho average carries for "
+                                "~1/(1-rho) steps (square_avg 6.5, param 2.0)"),
+    ("adadelta", "torch"): (16, 3, "torch's sqrt is MKL's, not correctly rounded (1 ulp off "
+                            "IEEE on ~17% of inputs): std and delta differ by an ulp, the "
+                            "param by one of lr*delta, and with weight decay that feeds back "
+                            "into g and sa (square_avg 3.1, param 2.3)"),
 }
 
 # Configurations that need a wider bound: (family, against or None for any, predicate on the

@@ -126,6 +126,14 @@ FUNCTIONAL_ERRORS = [
      "overlap in memory"),
     ("adamax without exp_inf", call("adamax", exp_inf=None), ValueError,
      "exp_inf is required"),
+    ("adadelta rho > 1", call("adadelta", rho=1.5), ValueError, "rho must be <= 1"),
+    ("adadelta rho < 0", call("adadelta", rho=-0.1), ValueError, "rho must be >= 0"),
+    ("adadelta acc_delta length", call("adadelta", acc_delta=np.zeros(N - 1, np.float32)),
+     ValueError, "acc_delta has length 36, but param has length 37"),
+    ("adadelta grad aliases state", call("adadelta", grad=_alias, square_avg=_alias),
+     ValueError, "overlap in memory"),
+    ("adadelta without acc_delta", call("adadelta", acc_delta=None), ValueError,
+     "acc_delta is required"),
 ]
 
 
@@ -198,6 +206,8 @@ CONSTRUCTOR_ERRORS = [
     ("adamax betas", lambda: fastopt.Adamax(params(), betas=(1.0, 0.999)), ValueError,
      r"betas\[0\] must be < 1"),
     ("adamax eps", lambda: fastopt.Adamax(params(), eps=0.0), ValueError, "eps must be > 0"),
+    ("adadelta rho", lambda: fastopt.Adadelta(params(), rho=1.01), ValueError,
+     "^rho must be <= 1"),
     ("not iterable", lambda: fastopt.Adam(3.0), TypeError, "params must be an iterable"),
     ("duplicate names", lambda: fastopt.SGD([{"params": {"w": params()[0]}},
                                              {"params": {"w": params()[1]}}]),
@@ -253,6 +263,8 @@ STEP_ERRORS = [
      r"param_groups\[1\].amsgrad must be a bool"),
     ("adamax betas", fastopt.Adamax, dict(), 1, "betas", (0.9, -0.1), ValueError,
      r"param_groups\[1\].betas\[1\] must be >= 0"),
+    ("adadelta rho", fastopt.Adadelta, dict(), 1, "rho", -0.5, ValueError,
+     r"param_groups\[1\].rho must be >= 0"),
 ]
 
 

@@ -50,8 +50,15 @@ def adamax_cfg(draw):
                 eps=draw(st.floats(1e-12, 1e-3)), weight_decay=draw(wd), maximize=draw(flag))
 
 
+@st.composite
+def adadelta_cfg(draw):
+    return dict(lr=draw(lr), rho=draw(st.floats(0.0, 1.0)), eps=draw(st.floats(1e-10, 1e-3)),
+                weight_decay=draw(wd), maximize=draw(flag))
+
+
 # One strategy a family: random hyperparameters of its functional kernel.
-CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg(), "adamax": adamax_cfg()}
+CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg(), "adamax": adamax_cfg(),
+       "adadelta": adadelta_cfg()}
 
 
 def test_every_family_has_a_strategy():
