@@ -6,7 +6,7 @@ state dicts, checkpoints and test tables are built from these declarations.  The
 family is written out in its C file and in its class docstring (`doc`).
 """
 from fastopt._family import (NONNEG, POSITIVE, UNIT, UNIT_OPEN, Buffer, Family, Field,
-                             OptimizerSpec)
+                             OptimizerSpec, f32)
 
 FAMILIES = {}
 OPTIMIZERS = {}
@@ -215,3 +215,54 @@ optimizer(
     delta 0, or 0/0 where sa is 0).  The state dict keeps 'step' as an int, where torch keeps
     a float tensor; as in torch, the step count is kept but unused.
     """)
+
+
+# ---- NAdam ----------------------------------------------------------------------------------
+
+def _nadam_mu_product(f, step, fresh, counters):
+    """The group's mu_product after this step, as torch's float32 0-dim tensor gets it
+    (`mu_product *= mu`: both factors rounded to float32, the product rounded once)."""
+    mu = f["beta1"] * (1.0 - 0.5 * 0.96 ** (step * f["momentum_decay"]))
+    return {"mu_product": f32(f32(counters["mu_product"]) * f32(mu))}
+
+
+NADAM_FAMILY = family(
+    name="nadam",
+    fields=(Field("lr", 2e-3, NONNEG), Field("beta1", 0.9, UNIT_OPEN),
+            Field("beta2", 0.999, UNIT_OPEN), Field("eps", 1e-8, POSITIVE),
+            Field("weight_decay", 0.0, NONNEG), Field("momentum_decay", 4e-3, NONNEG),
+            Field.flag("decoupled"), Field.flag("maximize"),
+            Field("mu_product", 1.0, NONNEG)),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    needs=lambda f: ("exp_avg", "exp_avg_sq"),
+    derived=("mu_product",),
+    per_step=_nadam_mu_product,
+    counters=(("mu_product", 1.0),),
+    torch="single",
+)
+
+optimizer(
+    name="NAdam", family=NADAM_FAMILY,
+    signature=("lr", "betas", "eps", "weight_decay", "momentum_decay",
+               "decoupled_weight_decay", "*", "foreach", "maximize", "capturable",
+               "differentiable"),
+    defaults=dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  momentum_decay=4e-3, decoupled_weight_decay=False, foreach=None,
+                  maximize=False, capturable=False, differentiable=False),
+    keys={"betas": ("beta1", "beta2"), "decoupled_weight_decay": "decoupled"},
+    doc="""NAdam (Adam with Nesterov momentum; with decoupled_weight_decay=True, NAdamW).
+
+    torch.optim.NAdam's arguments, defaults and per-element math (its foreach=False loop, to a
+    few ulp: torch's sqrt is MKL's, which is not correctly rounded), with g the gradient
+    (negated when maximize) and t the step:
+        g += weight_decay * p     or, decoupled,     p *= 1 - lr*weight_decay
+        mu_t = beta1 * (1 - 0.5 * 0.96^(t*momentum_decay));  mu_product *= mu_t (float32)
+        m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g
+        denom = sqrt(v / (1-beta2^t)) + eps
+        p += -lr*(1-mu_t)/(1-mu_product) * g/denom
+        p += -lr*mu_{t+1}/(1-mu_product*mu_{t+1}) * m/denom
+    `foreach` is accepted and ignored.  mu_product is kept per param group (every param of a
+    group has the same one); the state dict shows it on each param as a float, where torch
+    keeps a float32 tensor, and 'step' as an int.
+    """)
+

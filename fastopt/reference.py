@@ -197,6 +197,38 @@ def adadelta(p, grad, square_avg, acc_delta, *, step, lr, rho, eps, weight_decay
     p += t2
 
 
+def nadam(p, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
+          momentum_decay, decoupled, maximize, mu_product, grad_multiplier=1.0,
+          zero_grad=False):
+    # mu_product: the group's value after this step (fastopt.families computes it)
+    m, v = exp_avg, exp_avg_sq
+    t1, t2 = _scratch(p.size)
+    if decoupled:
+        g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
+        if weight_decay != 0.0:
+            p *= 1.0 - lr * weight_decay
+    else:
+        g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    _lerp_(m, g, 1.0 - beta1, t2)
+    v *= beta2
+    np.multiply(g, g, out=t2)
+    t2 *= 1.0 - beta2
+    v += t2
+    denom = np.divide(v, 1.0 - beta2 ** step, out=t2)
+    np.sqrt(denom, out=denom)
+    denom += eps
+    np.multiply(g, -lr * (1.0 - mu) / (1.0 - mu_product), out=t1)   # g is done with after this
+    t1 /= denom
+    p += t1
+    np.multiply(m, (-lr * mu_next) / (1.0 - mu_product * mu_next), out=t1)
+    t1 /= denom
+    p += t1
+    if zero_grad:
+        grad.fill(0.0)
+
+
 # ---- the backend interface shared with fastopt._core ---------------------------------------
 
 def kernel(family, param, grad, state, start, stop, step, fields, grad_multiplier=1.0,

@@ -50,8 +50,17 @@ ADADELTA_CONFIGS = [
     dict(lr=1.0, rho=rho, eps=1e-6, weight_decay=wd, maximize=mx)
     for wd, mx, rho in itertools.product([0.0, 0.05], [False, True], [0.9, 0.3])
 ]
+# NAdam: the second (beta1, beta2, momentum_decay) takes the other lerp formula and a faster
+# momentum schedule.
+NADAM_CONFIGS = [
+    dict(lr=0.01, beta1=b1, beta2=b2, eps=1e-8, weight_decay=wd, momentum_decay=md,
+         decoupled=dec, maximize=mx)
+    for (wd, dec), mx, (b1, b2, md) in itertools.product(
+        [(0.0, False), (0.05, False), (0.05, True)], [False, True],
+        [(0.9, 0.999, 4e-3), (0.3, 0.99, 0.02)])
+]
 CONFIGS = {"sgd": SGD_CONFIGS, "adam": ADAM_CONFIGS, "rmsprop": RMSPROP_CONFIGS,
-           "adamax": ADAMAX_CONFIGS, "adadelta": ADADELTA_CONFIGS}
+           "adamax": ADAMAX_CONFIGS, "adadelta": ADADELTA_CONFIGS, "nadam": NADAM_CONFIGS}
 ALL_CASES = [(fam, cfg) for fam, cfgs in CONFIGS.items() for cfg in cfgs]
 
 
@@ -76,6 +85,9 @@ CLASS_CONFIGS = {
     "adamax_maximize": ("Adamax", dict(lr=0.01, betas=(0.3, 0.99), maximize=True)),
     "adadelta": ("Adadelta", dict(lr=0.5, weight_decay=0.01)),
     "adadelta_maximize": ("Adadelta", dict(rho=0.5, eps=1e-5, maximize=True)),
+    "nadam": ("NAdam", dict(lr=0.01, weight_decay=0.01)),
+    "nadamw_maximize": ("NAdam", dict(lr=0.01, decoupled_weight_decay=True, maximize=True,
+                                      momentum_decay=0.01)),
 }
 
 # Per class, a configuration that uses every state buffer (state-dict and checkpoint tests).
@@ -86,6 +98,7 @@ FULL_STATE = {
     "RMSprop": dict(centered=True, momentum=0.5),
     "Adamax": dict(weight_decay=0.01),
     "Adadelta": dict(weight_decay=0.01),
+    "NAdam": dict(),
 }
 
 
@@ -275,6 +288,16 @@ TOLERANCES = {
                             "IEEE on ~17% of inputs): std and delta differ by an ulp, the "
                             "param by one of lr*delta, and with weight decay that feeds back "
                             "into g and sa (square_avg 3.1, param 2.3)"),
+    ("nadam", "reference"): (256, 59, "as Adam's: one or two extra roundings per step in the "
+                             "lerp, the v update and each of the two update terms; the worst is "
+                             "exp_avg with beta1 = 0.3 (torch's other lerp formula) and L2 weight "
+                             "decay (param 4, exp_avg_sq 5)"),
+    ("nadam", "torch"): (32, 7, "torch's sqrt is MKL's, not correctly rounded: a 1-ulp "
+                         "difference in denom on about 1 element in 6 each step, passed to the "
+                         "param through both addcdivs (param 3.5); with L2 weight decay the "
+                         "param's difference comes back through g into exp_avg (7) and "
+                         "exp_avg_sq (1.5), which otherwise are bitwise equal, as is "
+                         "mu_product"),
 }
 
 # Configurations that need a wider bound: (family, against or None for any, predicate on the

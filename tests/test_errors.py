@@ -134,6 +134,16 @@ FUNCTIONAL_ERRORS = [
      ValueError, "overlap in memory"),
     ("adadelta without acc_delta", call("adadelta", acc_delta=None), ValueError,
      "acc_delta is required"),
+    ("nadam negative momentum_decay", call("nadam", momentum_decay=-4e-3), ValueError,
+     "momentum_decay must be >= 0"),
+    ("nadam nan mu_product", call("nadam", mu_product=float("nan")), ValueError,
+     "mu_product must be finite"),
+    ("nadam string mu_product", call("nadam", mu_product="1"), TypeError,
+     "mu_product must be a real number"),
+    ("nadam beta1 = 1", call("nadam", beta1=1.0), ValueError, "beta1 must be < 1"),
+    ("nadam length mismatch", call("nadam", exp_avg_sq=np.zeros(N - 1, np.float32)), ValueError,
+     "exp_avg_sq has length 36, but param has length 37"),
+    ("nadam without exp_avg", call("nadam", exp_avg=None), ValueError, "exp_avg is required"),
 ]
 
 
@@ -208,6 +218,10 @@ CONSTRUCTOR_ERRORS = [
     ("adamax eps", lambda: fastopt.Adamax(params(), eps=0.0), ValueError, "eps must be > 0"),
     ("adadelta rho", lambda: fastopt.Adadelta(params(), rho=1.01), ValueError,
      "^rho must be <= 1"),
+    ("nadam momentum_decay", lambda: fastopt.NAdam(params(), momentum_decay=-1.0), ValueError,
+     "^momentum_decay must be >= 0"),
+    ("nadam decoupled not bool", lambda: fastopt.NAdam(params(), decoupled_weight_decay=1),
+     TypeError, "^decoupled_weight_decay must be a bool"),
     ("not iterable", lambda: fastopt.Adam(3.0), TypeError, "params must be an iterable"),
     ("duplicate names", lambda: fastopt.SGD([{"params": {"w": params()[0]}},
                                              {"params": {"w": params()[1]}}]),
@@ -265,6 +279,10 @@ STEP_ERRORS = [
      r"param_groups\[1\].betas\[1\] must be >= 0"),
     ("adadelta rho", fastopt.Adadelta, dict(), 1, "rho", -0.5, ValueError,
      r"param_groups\[1\].rho must be >= 0"),
+    ("nadam momentum_decay", fastopt.NAdam, dict(), 1, "momentum_decay", float("inf"),
+     ValueError, r"param_groups\[1\].momentum_decay must be finite"),
+    ("nadam betas", fastopt.NAdam, dict(decoupled_weight_decay=True), 1, "betas", (-0.1, 0.9),
+     ValueError, r"param_groups\[1\].betas\[0\] must be >= 0"),
 ]
 
 

@@ -56,9 +56,17 @@ def adadelta_cfg(draw):
                 weight_decay=draw(wd), maximize=draw(flag))
 
 
+@st.composite
+def nadam_cfg(draw):
+    return dict(lr=draw(lr), beta1=draw(unit), beta2=draw(unit),
+                eps=draw(st.floats(1e-12, 1e-3)), weight_decay=draw(wd),
+                momentum_decay=draw(st.one_of(st.just(0.0), st.floats(1e-4, 0.5))),
+                decoupled=draw(flag), maximize=draw(flag))
+
+
 # One strategy a family: random hyperparameters of its functional kernel.
 CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg(), "adamax": adamax_cfg(),
-       "adadelta": adadelta_cfg()}
+       "adadelta": adadelta_cfg(), "nadam": nadam_cfg()}
 
 
 def test_every_family_has_a_strategy():

@@ -1,0 +1,107 @@
+/*
+ * NAdam and NAdamW (torch.optim.NAdam, decoupled_weight_decay=False / True), one pass per step.
+ *
+ * Per step, in double as torch's Python computes them (pow() where it has **), each update
+ * scalar rounded to float32 once (f):
+ *   mu      = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))
+ *   mu_next = beta1 * (1 - 0.5 * 0.96^((t+1) * momentum_decay))
+ *   mp      = the group's mu_product AFTER this step: torch keeps it in a float32 tensor and
+ *             multiplies it by f(mu) each step, so the caller hands it in already rounded
+ *             (families.py computes it; it is a float32 value widened to double)
+ *   mp_next = mp * mu_next                          (double: torch takes .item() first)
+ *   bc2 = 1 - beta2^t
+ *   c_grad = f(-lr * (1 - mu) / (1 - mp))     c_avg = f(-lr * mu_next / (1 - mp_next))
+ * Per element, in float32, fma = one rounding:
+ *   g = grad * f(grad_multiplier), negated when maximize   (a multiplier of 1 changes nothing)
+ *   zero_grad:    grad = 0                                (after it is read, same pass)
+ *   NAdam  (L2):  g = fma(p, f(wd), g)                    (only when wd != 0)
+ *   NAdamW:       p = p * f(1 - lr*wd)                    (first, as torch's param.mul_)
+ *   m = lerp(m, g, f(1-beta1))    torch's lerp: w < 0.5 ? fma(w, g-m, m) : fma(w-1, g-m, g)
+ *   v = fma(f(1-beta2)*g, g, v*f(beta2))
+ *   denom = sqrt(v / f(bc2)) + f(eps)
+ *   p = p + (c_grad*g) / denom                            (two addcdivs, each rounded)
+ *   p = p + (c_avg*m) / denom
+ *
+ * This is torch's single-tensor (foreach=False) sequence op for op; torch has no fused NAdam.
+ * The one difference: torch's sqrt is MKL's vmsSqrt, which is only faithfully rounded (about
+ * 1 in 6 results is 1 ulp off the correctly rounded one, and which ones depends on the CPU);
+ * sqrtf here is IEEE, so the two agree to a few ulp, not bitwise.
+ */
+#include <math.h>
+
+#include "../internal.h"
+
+/* mu_product is derived (never given by the caller), so it comes after the user's fields, as
+ * families.py orders them; the two int32 flags before it keep it 8-byte aligned. */
+#define NADAM_FIELDS(X)                                                                      \
+    X(double, lr) X(double, beta1) X(double, beta2) X(double, eps) X(double, weight_decay)   \
+    X(double, momentum_decay) X(int32_t, decoupled) X(int32_t, maximize) X(double, mu_product)
+FO_HPARAMS(nadam, NADAM_FIELDS)
+static const char *const nadam_buffers[] = {"exp_avg", "exp_avg_sq"};
+
+typedef struct {
+    float grad_factor, coeff_grad, coeff_avg, bc2, eps, weight_decay, decay;
+    float beta2, one_minus_beta2;
+    float lerp_coeff;   /* w, or w-1 when lerp_from_grad */
+    int lerp_from_grad; /* torch's lerp switches formula at w >= 0.5 */
+} nadam_scalars;
+
+enum { NADAM_L2 = FO_MODE(0) };
+
+static unsigned nadam_needs(const nadam_hparams *hp)
+{
+    (void)hp;
+    return 3u;
+}
+
+static unsigned nadam_prepare(nadam_scalars *s, const nadam_hparams *hp, int64_t step,
+                              const fo_grad_opts *o)
+{
+    const double t = (double)step;
+    const double mu = hp->beta1 * (1.0 - 0.5 * pow(0.96, t * hp->momentum_decay));
+    const double mu_next = hp->beta1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * hp->momentum_decay));
+    const double mp = hp->mu_product;
+    const double mp_next = mp * mu_next;
+    s->grad_factor = fo_grad_factor(o, hp->maximize);
+    s->coeff_grad = fo_f32(-hp->lr * (1.0 - mu) / (1.0 - mp));
+    s->coeff_avg = fo_f32((-hp->lr * mu_next) / (1.0 - mp_next));
+    s->bc2 = fo_f32(1.0 - pow(hp->beta2, t));
+    s->eps = fo_f32(hp->eps);
+    s->weight_decay = fo_f32(hp->weight_decay);
+    s->decay = hp->decoupled ? fo_f32(1.0 - hp->lr * hp->weight_decay) : 1.0f;
+    s->beta2 = fo_f32(hp->beta2);
+    s->one_minus_beta2 = fo_f32(1.0 - hp->beta2);
+    const float w = fo_f32(1.0 - hp->beta1);
+    s->lerp_from_grad = !(fabsf(w) < 0.5f);
+    s->lerp_coeff = s->lerp_from_grad ? w - 1.0f : w;
+    return !hp->decoupled && hp->weight_decay != 0.0 ? NADAM_L2 : 0u;
+}
+
+/* s0 = exp_avg, s1 = exp_avg_sq */
+FO_INLINE void nadam_body(FO_BODY_ARGS(nadam))
+{
+    (void)s2;
+    const float grad_factor = s->grad_factor, coeff_grad = s->coeff_grad;
+    const float coeff_avg = s->coeff_avg, bc2 = s->bc2, eps = s->eps;
+    const float weight_decay = s->weight_decay, decay = s->decay;
+    const float beta2 = s->beta2, one_minus_beta2 = s->one_minus_beta2;
+    const float lerp_coeff = s->lerp_coeff;
+    const int lerp_from_grad = s->lerp_from_grad;
+    for (size_t i = 0; i < n; i++) {
+        float g = fo_read_grad(grad, i, grad_factor, modes);
+        float p = param[i];
+        if (modes & NADAM_L2)
+            g = fmaf(p, weight_decay, g);
+        p = p * decay;   /* decay is 1 (exact) unless NAdamW */
+        const float m_old = s0[i];
+        const float m = fmaf(lerp_coeff, g - m_old, lerp_from_grad ? g : m_old);
+        const float v = fmaf(one_minus_beta2 * g, g, s1[i] * beta2);
+        s0[i] = m;
+        s1[i] = v;
+        const float denom = sqrtf(v / bc2) + eps;
+        p = p + (coeff_grad * g) / denom;
+        param[i] = p + (coeff_avg * m) / denom;
+    }
+}
+
+FO_FAMILY(nadam, 4)
