@@ -75,6 +75,7 @@ OPTIMIZERS = {
     "adamax": ("Adamax", dict(lr=1e-3), 28, "r4w3"),
     "adadelta": ("Adadelta", dict(lr=1.0), 28, "r4w3"),
     "nadam": ("NAdam", dict(lr=1e-3), 28, "r4w3"),
+    "radam": ("RAdam", dict(lr=1e-3), 28, "r4w3"),
 }
 
 

@@ -266,3 +266,39 @@ optimizer(
     keeps a float32 tensor, and 'step' as an int.
     """)
 
+
+# ---- RAdam ----------------------------------------------------------------------------------
+
+RADAM_FAMILY = family(
+    name="radam",
+    fields=(Field("lr", 1e-3, NONNEG), Field("beta1", 0.9, UNIT_OPEN),
+            Field("beta2", 0.999, UNIT_OPEN), Field("eps", 1e-8, POSITIVE),
+            Field("weight_decay", 0.0, NONNEG), Field.flag("decoupled"),
+            Field.flag("maximize")),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    needs=lambda f: ("exp_avg", "exp_avg_sq"),
+    torch="single",
+)
+
+optimizer(
+    name="RAdam", family=RADAM_FAMILY,
+    signature=("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "*", "foreach",
+               "maximize", "capturable", "differentiable"),
+    defaults=dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, foreach=None, maximize=False,
+                  capturable=False, differentiable=False),
+    keys={"betas": ("beta1", "beta2"), "decoupled_weight_decay": "decoupled"},
+    doc="""RAdam, rectified Adam (with decoupled_weight_decay=True, RAdamW).
+
+    torch.optim.RAdam's arguments, defaults and per-element math (its foreach=False loop, to a
+    few ulp: torch's sqrt is MKL's, which is not correctly rounded), with g the gradient
+    (negated when maximize) and t the step:
+        g += weight_decay * p     or, decoupled,     p *= 1 - lr*weight_decay
+        m = lerp(m, g, 1-beta1);  v = beta2*v + (1-beta2)*g*g;  mhat = m / (1-beta1^t)
+        rho_inf = 2/(1-beta2) - 1;  rho_t = rho_inf - 2*t*beta2^t/(1-beta2^t)
+        rho_t > 5:  rect = sqrt((rho_t-4)(rho_t-2)rho_inf / ((rho_inf-4)(rho_inf-2)rho_t))
+                    p -= lr * mhat * sqrt(1-beta2^t)/(sqrt(v) + eps) * rect
+        otherwise:  p -= lr * mhat
+    (with betas (0.9, 0.999) the first five steps are unrectified).  `foreach` is accepted and
+    ignored.  The state dict keeps 'step' as an int, where torch keeps a float tensor.
+    """)

@@ -229,6 +229,40 @@ def nadam(p, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_d
         grad.fill(0.0)
 
 
+def radam(p, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
+          decoupled, maximize, grad_multiplier=1.0, zero_grad=False):
+    m, v = exp_avg, exp_avg_sq
+    t1, t2 = _scratch(p.size)
+    if decoupled:
+        g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
+        if weight_decay != 0.0:
+            p *= 1.0 - lr * weight_decay
+    else:
+        g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    _lerp_(m, g, 1.0 - beta1, t2)
+    v *= beta2
+    np.multiply(g, g, out=t2)
+    t2 *= 1.0 - beta2
+    v += t2
+    if zero_grad:
+        grad.fill(0.0)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * (beta2 ** step) / bias_correction2
+    upd = np.divide(m, bias_correction1, out=t1)     # g is done with
+    upd *= lr
+    if rho_t > 5.0:
+        rect = ((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) ** 0.5
+        denom = np.sqrt(v, out=t2)
+        denom += eps
+        np.divide(bias_correction2 ** 0.5, denom, out=denom)
+        upd *= denom
+        upd *= rect
+    p -= upd
+
+
 # ---- the backend interface shared with fastopt._core ---------------------------------------
 
 def kernel(family, param, grad, state, start, stop, step, fields, grad_multiplier=1.0,

@@ -59,8 +59,17 @@ NADAM_CONFIGS = [
         [(0.0, False), (0.05, False), (0.05, True)], [False, True],
         [(0.9, 0.999, 4e-3), (0.3, 0.99, 0.02)])
 ]
+# RAdam: with beta2 = 0.999 or 0.9, steps 1-5 are unrectified and step 6 on rectified
+# (rho_t crosses 5); with beta2 = 0.5 (rho_inf = 3) no step is ever rectified.
+RADAM_CONFIGS = [
+    dict(lr=0.01, beta1=b1, beta2=b2, eps=1e-8, weight_decay=wd, decoupled=dec, maximize=mx)
+    for (wd, dec), mx, (b1, b2) in itertools.product(
+        [(0.0, False), (0.05, False), (0.05, True)], [False, True],
+        [(0.9, 0.999), (0.3, 0.9), (0.9, 0.5)])
+]
 CONFIGS = {"sgd": SGD_CONFIGS, "adam": ADAM_CONFIGS, "rmsprop": RMSPROP_CONFIGS,
-           "adamax": ADAMAX_CONFIGS, "adadelta": ADADELTA_CONFIGS, "nadam": NADAM_CONFIGS}
+           "adamax": ADAMAX_CONFIGS, "adadelta": ADADELTA_CONFIGS, "nadam": NADAM_CONFIGS,
+           "radam": RADAM_CONFIGS}
 ALL_CASES = [(fam, cfg) for fam, cfgs in CONFIGS.items() for cfg in cfgs]
 
 
@@ -88,6 +97,8 @@ CLASS_CONFIGS = {
     "nadam": ("NAdam", dict(lr=0.01, weight_decay=0.01)),
     "nadamw_maximize": ("NAdam", dict(lr=0.01, decoupled_weight_decay=True, maximize=True,
                                       momentum_decay=0.01)),
+    "radam": ("RAdam", dict(lr=0.01, weight_decay=0.01)),
+    "radamw": ("RAdam", dict(lr=0.01, decoupled_weight_decay=True, betas=(0.8, 0.99))),
 }
 
 # Per class, a configuration that uses every state buffer (state-dict and checkpoint tests).
@@ -99,6 +110,7 @@ FULL_STATE = {
     "Adamax": dict(weight_decay=0.01),
     "Adadelta": dict(weight_decay=0.01),
     "NAdam": dict(),
+    "RAdam": dict(),
 }
 
 
@@ -298,6 +310,15 @@ TOLERANCES = {
                          "param's difference comes back through g into exp_avg (7) and "
                          "exp_avg_sq (1.5), which otherwise are bitwise equal, as is "
                          "mu_product"),
+    ("radam", "reference"): (256, 46, "as Adam's for the moments (exp_avg 46 with beta1 = 0.3, "
+                             "exp_avg_sq 7); the param's worst (17) is the never-rectified "
+                             "beta2 = 0.5, where p -= lr*mhat is not normalized and the "
+                             "moments' differences add up over 300 steps"),
+    ("radam", "torch"): (32, 4.2, "torch's sqrt is MKL's, not correctly rounded: on rectified "
+                         "steps a 1-ulp difference in sqrt(v) on about 1 element in 6, passed "
+                         "to the param (3.0); with L2 weight decay it comes back through g into "
+                         "exp_avg (4.0) and exp_avg_sq (4.2).  Unrectified steps have no sqrt: "
+                         "beta2 = 0.5 is bitwise equal"),
 }
 
 # Configurations that need a wider bound: (family, against or None for any, predicate on the
@@ -318,6 +339,9 @@ FORMULAS = {}
 NAN_POSITIONS_MAY_DIFFER = {
     "rmsprop": "where g*g overflows, the kernel's fma(-ga, ga, sa) is exact where the "
                "reference's sa - ga*ga is inf - inf",
+    "radam": "with beta1 < 0.5 torch's lerp (and the kernel's) is fma(w-1, g-m, g), NaN for an "
+             "infinite g where the reference's m + w*(g-m) is inf; on unrectified steps "
+             "nothing divides m by sqrt(v), so the param gets NaN where the reference's is inf",
 }
 
 

@@ -144,6 +144,13 @@ FUNCTIONAL_ERRORS = [
     ("nadam length mismatch", call("nadam", exp_avg_sq=np.zeros(N - 1, np.float32)), ValueError,
      "exp_avg_sq has length 36, but param has length 37"),
     ("nadam without exp_avg", call("nadam", exp_avg=None), ValueError, "exp_avg is required"),
+    ("radam eps = 0", call("radam", eps=0.0), ValueError, "eps must be > 0"),
+    ("radam beta2 = 1", call("radam", beta2=1.0), ValueError, "beta2 must be < 1"),
+    ("radam flag not bool", call("radam", decoupled=1), TypeError, "decoupled must be a bool"),
+    ("radam state aliases state", call("radam", exp_avg=_alias, exp_avg_sq=_alias), ValueError,
+     "overlap in memory"),
+    ("radam without exp_avg_sq", call("radam", exp_avg_sq=None), ValueError,
+     "exp_avg_sq is required"),
 ]
 
 
@@ -222,6 +229,10 @@ CONSTRUCTOR_ERRORS = [
      "^momentum_decay must be >= 0"),
     ("nadam decoupled not bool", lambda: fastopt.NAdam(params(), decoupled_weight_decay=1),
      TypeError, "^decoupled_weight_decay must be a bool"),
+    ("radam betas", lambda: fastopt.RAdam(params(), betas=(1.0, 0.999)), ValueError,
+     r"^betas\[0\] must be < 1"),
+    ("radam differentiable", lambda: fastopt.RAdam(params(), differentiable=True), ValueError,
+     "differentiable"),
     ("not iterable", lambda: fastopt.Adam(3.0), TypeError, "params must be an iterable"),
     ("duplicate names", lambda: fastopt.SGD([{"params": {"w": params()[0]}},
                                              {"params": {"w": params()[1]}}]),
@@ -283,6 +294,10 @@ STEP_ERRORS = [
      ValueError, r"param_groups\[1\].momentum_decay must be finite"),
     ("nadam betas", fastopt.NAdam, dict(decoupled_weight_decay=True), 1, "betas", (-0.1, 0.9),
      ValueError, r"param_groups\[1\].betas\[0\] must be >= 0"),
+    ("radam decoupled flag", fastopt.RAdam, dict(), 1, "decoupled_weight_decay", 1, TypeError,
+     r"param_groups\[1\].decoupled_weight_decay must be a bool"),
+    ("radam negative weight decay", fastopt.RAdam, dict(), 1, "weight_decay", -0.01,
+     ValueError, r"param_groups\[1\].weight_decay must be >= 0"),
 ]
 
 

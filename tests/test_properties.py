@@ -64,9 +64,19 @@ def nadam_cfg(draw):
                 decoupled=draw(flag), maximize=draw(flag))
 
 
+@st.composite
+def radam_cfg(draw):
+    # up to 6 steps: step 6 is the first rectified one for beta2 >= 0.85 (later below it,
+    # never below 2/3), so half the draws are there
+    beta2 = draw(st.one_of(st.floats(0.85, 0.999), unit))
+    return dict(lr=draw(lr), beta1=draw(unit), beta2=beta2,
+                eps=draw(st.floats(1e-12, 1e-3)), weight_decay=draw(wd),
+                decoupled=draw(flag), maximize=draw(flag))
+
+
 # One strategy a family: random hyperparameters of its functional kernel.
 CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg(), "adamax": adamax_cfg(),
-       "adadelta": adadelta_cfg(), "nadam": nadam_cfg()}
+       "adadelta": adadelta_cfg(), "nadam": nadam_cfg(), "radam": radam_cfg()}
 
 
 def test_every_family_has_a_strategy():
