@@ -812,7 +812,8 @@ class OneCycleLR(LRScheduler):
             key, hi = "momentum", None
         else:
             raise ValueError(f"{name('cycle_momentum')}=True needs an optimizer with 'momentum' "
-                             "or 'betas' (SGD, RMSprop, Adam, AdamW); pass cycle_momentum=False")
+                             "or 'betas' (SGD, RMSprop, the Adam family, Lion); pass "
+                             "cycle_momentum=False")
         for m in ("base_momentum", "max_momentum"):
             c[m] = _per_group(name(m), a[m], n,
                               lambda k, v: _real(k, v, lo=0.0, hi=hi, hi_open=True))
