@@ -76,6 +76,7 @@ OPTIMIZERS = {
     "adadelta": ("Adadelta", dict(lr=1.0), 28, "r4w3"),
     "nadam": ("NAdam", dict(lr=1e-3), 28, "r4w3"),
     "radam": ("RAdam", dict(lr=1e-3), 28, "r4w3"),
+    "adagrad": ("Adagrad", dict(lr=1e-2), 20, "r3w2"),
 }
 
 

@@ -302,3 +302,40 @@ optimizer(
     (with betas (0.9, 0.999) the first five steps are unrectified).  `foreach` is accepted and
     ignored.  The state dict keeps 'step' as an int, where torch keeps a float tensor.
     """)
+
+
+# ---- Adagrad --------------------------------------------------------------------------------
+
+ADAGRAD_FAMILY = family(
+    name="adagrad",
+    fields=(Field("lr", 1e-2, NONNEG), Field("lr_decay", 0.0, NONNEG),
+            Field("weight_decay", 0.0, NONNEG), Field("eps", 1e-10, NONNEG),
+            Field.flag("maximize")),
+    # torch fills it with initial_accumulator_value (a group key, not a kernel field)
+    buffers=(Buffer("sum", init=lambda f: f["initial_accumulator_value"]),),
+    needs=lambda f: ("sum",),
+    torch="fused",
+)
+
+optimizer(
+    name="Adagrad", family=ADAGRAD_FAMILY,
+    signature=("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "foreach",
+               "*", "maximize", "differentiable", "fused"),
+    defaults=dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                  eps=1e-10, foreach=None, maximize=False, differentiable=False, fused=None),
+    extra=(Field("initial_accumulator_value", 0.0, NONNEG),),
+    doc=f"""Adagrad with learning-rate decay, weight decay and maximize.
+
+    torch.optim.Adagrad's arguments, defaults and per-element math (its fused=True kernel,
+    bitwise): with g the gradient (negated when maximize) and t the step being taken,
+        g += weight_decay * p
+        sum += g*g                      (sum starts at initial_accumulator_value)
+        p -= lr / (1 + (t-1)*lr_decay) * g / (sqrt(sum) + eps)
+    {_FUSED}
+    torch creates the state ('step' and 'sum') in the constructor; here the first step
+    creates it, as for the other optimizers, so `state` and `state_dict()` have no entry for
+    a parameter before its group has stepped.  A param group's own initial_accumulator_value
+    starts its 'sum' (torch fills every 'sum' with the constructor's value and ignores the
+    group's).  The state dict keeps 'step' as an int, where torch keeps a float tensor.
+    """)
+

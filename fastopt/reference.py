@@ -263,6 +263,22 @@ def radam(p, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_d
     p -= upd
 
 
+def adagrad(p, grad, sum, *, step, lr, lr_decay, weight_decay, eps, maximize,
+            grad_multiplier=1.0, zero_grad=False):
+    t1, t2 = _scratch(p.size)
+    g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    np.multiply(g, g, out=t2)
+    sum += t2
+    std = np.sqrt(sum, out=t2)
+    std += eps
+    upd = np.multiply(g, -clr, out=t1)
+    upd /= std
+    p += upd
+    if zero_grad:
+        grad.fill(0.0)
+
+
 # ---- the backend interface shared with fastopt._core ---------------------------------------
 
 def kernel(family, param, grad, state, start, stop, step, fields, grad_multiplier=1.0,

@@ -151,6 +151,17 @@ FUNCTIONAL_ERRORS = [
      "overlap in memory"),
     ("radam without exp_avg_sq", call("radam", exp_avg_sq=None), ValueError,
      "exp_avg_sq is required"),
+    ("adagrad negative lr_decay", call("adagrad", lr_decay=-0.1), ValueError,
+     "lr_decay must be >= 0"),
+    ("adagrad negative eps", call("adagrad", eps=-1e-10), ValueError, "eps must be >= 0"),
+    ("adagrad inf lr_decay", call("adagrad", lr_decay=float("inf")), ValueError,
+     "lr_decay must be finite"),
+    ("adagrad sum length", call("adagrad", sum=np.zeros(N - 1, np.float32)), ValueError,
+     "sum has length 36, but param has length 37"),
+    ("adagrad sum aliases grad", call("adagrad", grad=_alias, sum=_alias), ValueError,
+     "overlap in memory"),
+    ("adagrad without sum", call("adagrad", sum=None), ValueError,
+     "sum is required"),
 ]
 
 
@@ -237,6 +248,17 @@ CONSTRUCTOR_ERRORS = [
     ("duplicate names", lambda: fastopt.SGD([{"params": {"w": params()[0]}},
                                              {"params": {"w": params()[1]}}]),
      ValueError, "the name 'w' is used for two parameters"),
+    ("adagrad initial_accumulator_value",
+     lambda: fastopt.Adagrad(params(), initial_accumulator_value=-0.1), ValueError,
+     "^initial_accumulator_value must be >= 0"),
+    ("adagrad group initial_accumulator_value",
+     lambda: fastopt.Adagrad([{"params": params()[:1]},
+                              {"params": params()[1:], "initial_accumulator_value": "0.1"}]),
+     TypeError, r"param_groups\[1\].initial_accumulator_value must be a real number"),
+    ("adagrad lr_decay", lambda: fastopt.Adagrad(params(), lr_decay=-1.0), ValueError,
+     "^lr_decay must be >= 0"),
+    ("adagrad differentiable", lambda: fastopt.Adagrad(params(), differentiable=True),
+     ValueError, "differentiable"),
 ]
 
 
@@ -298,6 +320,11 @@ STEP_ERRORS = [
      r"param_groups\[1\].decoupled_weight_decay must be a bool"),
     ("radam negative weight decay", fastopt.RAdam, dict(), 1, "weight_decay", -0.01,
      ValueError, r"param_groups\[1\].weight_decay must be >= 0"),
+    ("adagrad lr_decay", fastopt.Adagrad, dict(), 1, "lr_decay", -0.5, ValueError,
+     r"param_groups\[1\].lr_decay must be >= 0"),
+    ("adagrad initial_accumulator_value", fastopt.Adagrad, dict(), 1,
+     "initial_accumulator_value", float("nan"), ValueError,
+     r"param_groups\[1\].initial_accumulator_value must be finite"),
 ]
 
 

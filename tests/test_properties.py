@@ -74,9 +74,19 @@ def radam_cfg(draw):
                 decoupled=draw(flag), maximize=draw(flag))
 
 
+@st.composite
+def adagrad_cfg(draw):
+    return dict(lr=draw(lr), lr_decay=draw(st.one_of(st.just(0.0), st.floats(1e-4, 1.0))),
+                weight_decay=draw(wd), eps=draw(st.one_of(st.just(0.0), st.floats(1e-12, 1e-3))),
+                maximize=draw(flag),
+                initial_accumulator_value=draw(st.one_of(st.just(0.0), st.floats(1e-3, 1.0))))
+
+
+# One strategy a family: random hyperparameters of its functional kernel.
 # One strategy a family: random hyperparameters of its functional kernel.
 CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg(), "adamax": adamax_cfg(),
-       "adadelta": adadelta_cfg(), "nadam": nadam_cfg(), "radam": radam_cfg()}
+       "adadelta": adadelta_cfg(), "nadam": nadam_cfg(), "radam": radam_cfg(),
+       "adagrad": adagrad_cfg()}
 
 
 def test_every_family_has_a_strategy():
