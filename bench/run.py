@@ -77,6 +77,7 @@ OPTIMIZERS = {
     "nadam": ("NAdam", dict(lr=1e-3), 28, "r4w3"),
     "radam": ("RAdam", dict(lr=1e-3), 28, "r4w3"),
     "adagrad": ("Adagrad", dict(lr=1e-2), 20, "r3w2"),
+    "lion": ("Lion", dict(lr=1e-4, weight_decay=0.1), 20, "r3w2"),
 }
 
 

@@ -339,3 +339,35 @@ optimizer(
     group's).  The state dict keeps 'step' as an int, where torch keeps a float tensor.
     """)
 
+
+# ---- Lion -----------------------------------------------------------------------------------
+
+LION_FAMILY = family(
+    name="lion",
+    fields=(Field("lr", 1e-4, NONNEG), Field("beta1", 0.9, UNIT_OPEN),
+            Field("beta2", 0.99, UNIT_OPEN), Field("weight_decay", 0.0, NONNEG),
+            Field.flag("maximize")),
+    buffers=(Buffer("exp_avg"),),
+    needs=lambda f: ("exp_avg",),
+    torch=None,     # torch.optim has no Lion: the tests check it against the paper's formula
+)
+
+optimizer(
+    name="Lion", family=LION_FAMILY,
+    signature=("lr", "betas", "weight_decay", "*", "maximize"),
+    defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
+    keys={"betas": ("beta1", "beta2")},
+    doc="""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    torch has no Lion: the arguments, defaults and math are those of the paper's PyTorch
+    reference (google/automl, lion/lion_pytorch.py), with every rounding as torch rounds its
+    operations in float32: with g the gradient (negated when maximize),
+        p *= 1 - lr*weight_decay
+        p -= lr * sign(beta1*m + (1-beta1)*g)
+        m = beta2*m + (1-beta2)*g
+    sign(0) is 0, as torch.sign; sign(NaN) is NaN, where torch.sign gives 0: a NaN gradient
+    makes the param NaN, where the reference would silently freeze it (its m stays NaN, so
+    every later sign is 0).
+    maximize is an addition (the reference has none).  weight_decay must be >= 0 (the
+    reference does not check it).  The state keeps 'step', which the math does not use.
+    """)

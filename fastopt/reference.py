@@ -9,8 +9,8 @@ drop-in replacement for `fastopt.*`:
     from fastopt import reference as fo      # instead of: import fastopt as fo
 
 Unlike the C kernels it does not fuse multiply-adds, so it matches them to a few ulp per step,
-not bitwise (the tests state the bound).  Each step makes 8-14 passes over memory where the
-C kernel makes one.
+not bitwise (the tests state the bound); Lion's twin, which emulates its one fma exactly, is
+bitwise.  Each step makes 8-14 passes over memory where the C kernel makes one.
 """
 import sys
 import threading
@@ -32,6 +32,42 @@ def _scratch(n):
     if bufs is None or bufs[0].size < n:
         bufs = _local.bufs = (np.empty(n, np.float32), np.empty(n, np.float32))
     return bufs[0][:n], bufs[1][:n]
+
+
+def _scratch64(n):
+    """A float64 work buffer of n elements, reused across calls (one a thread)."""
+    buf = getattr(_local, "buf64", None)
+    if buf is None or buf.size < n:
+        buf = _local.buf64 = np.empty(n, np.float64)
+    return buf[:n]
+
+
+def _fma(a, b, c, out):
+    """out = a*b + c rounded once to float32 (a C fmaf): a, c float32 arrays, b a float32.
+
+    a*b is exact in float64 (24 x 24 bits), so the float64 sum is the exact one rounded once,
+    and rounding it to float32 gives the correctly rounded result, except where that sum fell
+    exactly on a float32 rounding boundary (a midpoint: rare) while the exact sum did not: a
+    second rounding then breaks a tie the exact value never had.  Those elements (and tiny
+    ones, whose float32 spacing is not the midpoint mask's) move one float64 ulp towards the
+    exact sum, found from the sum's exact error (TwoSum), and round correctly.
+    """
+    s = _scratch64(a.size)
+    np.multiply(a, np.float64(b), out=s)
+    np.add(s, c, out=s)
+    suspect = (s.view(np.int64) & 0x1FFFFFFF) == 0x10000000
+    suspect |= np.abs(s) < 2.0 ** -125
+    idx = np.flatnonzero(suspect)
+    if idx.size:
+        prod = a[idx].astype(np.float64) * np.float64(b)
+        add = c[idx].astype(np.float64)
+        si = s[idx]
+        bb = si - prod
+        err = (prod - (si - bb)) + (add - bb)
+        s[idx] = np.where(err > 0, np.nextafter(si, np.inf),
+                          np.where(err < 0, np.nextafter(si, -np.inf), si))
+    np.copyto(out, s, casting="same_kind")
+    return out
 
 
 def _lerp_(start, end, weight, tmp):
@@ -275,6 +311,26 @@ def adagrad(p, grad, sum, *, step, lr, lr_decay, weight_decay, eps, maximize,
     upd = np.multiply(g, -clr, out=t1)
     upd /= std
     p += upd
+    if zero_grad:
+        grad.fill(0.0)
+
+
+def lion(p, grad, exp_avg, *, step, lr, beta1, beta2, weight_decay, maximize,
+         grad_multiplier=1.0, zero_grad=False):
+    # Bitwise the C kernel's (csrc/families/lion.c): float32 operations in its order, and _fma
+    # for its one fma (torch's add_ with alpha)
+    m = exp_avg
+    t1, t2 = _scratch(p.size)
+    g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
+    p *= np.float32(1.0 - lr * weight_decay)
+    c = np.multiply(m, np.float32(beta1), out=t2)
+    m *= np.float32(beta2)
+    _fma(g, np.float32(1.0 - beta2), m, out=m)
+    c += np.multiply(g, np.float32(1.0 - beta1), out=t1)
+    update = np.sign(c, out=t1)             # (not in place: NumPy's in-place sign is 10x slower)
+    update += np.float32(0.0)               # sign(-0.0) is +0.0, as torch.sign
+    update *= np.float32(-lr)               # exact: update is +-1, 0 or NaN
+    p += update
     if zero_grad:
         grad.fill(0.0)
 

@@ -162,6 +162,15 @@ FUNCTIONAL_ERRORS = [
      "overlap in memory"),
     ("adagrad without sum", call("adagrad", sum=None), ValueError,
      "sum is required"),
+    ("lion beta1 = 1", call("lion", beta1=1.0), ValueError, "beta1 must be < 1"),
+    ("lion nan beta2", call("lion", beta2=float("nan")), ValueError, "beta2 must be finite"),
+    ("lion negative weight_decay", call("lion", weight_decay=-0.1), ValueError,
+     "weight_decay must be >= 0"),
+    ("lion exp_avg length", call("lion", exp_avg=np.zeros(N + 1, np.float32)), ValueError,
+     "exp_avg has length 38, but param has length 37"),
+    ("lion exp_avg aliases param", call("lion", param=_alias, exp_avg=_alias), ValueError,
+     "overlap in memory"),
+    ("lion without exp_avg", call("lion", exp_avg=None), ValueError, "exp_avg is required"),
 ]
 
 
@@ -259,6 +268,12 @@ CONSTRUCTOR_ERRORS = [
      "^lr_decay must be >= 0"),
     ("adagrad differentiable", lambda: fastopt.Adagrad(params(), differentiable=True),
      ValueError, "differentiable"),
+    ("lion betas", lambda: fastopt.Lion(params(), betas=(1.0, 0.99)), ValueError,
+     r"betas\[0\] must be < 1"),
+    ("lion weight_decay", lambda: fastopt.Lion(params(), weight_decay=-1e-2), ValueError,
+     "^weight_decay must be >= 0"),
+    ("lion has no eps", lambda: fastopt.Lion(params(), eps=1e-8), TypeError,
+     "unexpected keyword argument 'eps'"),
 ]
 
 
@@ -325,6 +340,8 @@ STEP_ERRORS = [
     ("adagrad initial_accumulator_value", fastopt.Adagrad, dict(), 1,
      "initial_accumulator_value", float("nan"), ValueError,
      r"param_groups\[1\].initial_accumulator_value must be finite"),
+    ("lion betas", fastopt.Lion, dict(), 1, "betas", (0.9, -0.1), ValueError,
+     r"param_groups\[1\].betas\[1\] must be >= 0"),
 ]
 
 

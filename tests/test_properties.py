@@ -82,11 +82,17 @@ def adagrad_cfg(draw):
                 initial_accumulator_value=draw(st.one_of(st.just(0.0), st.floats(1e-3, 1.0))))
 
 
+@st.composite
+def lion_cfg(draw):
+    return dict(lr=draw(lr), beta1=draw(unit), beta2=draw(unit), weight_decay=draw(wd),
+                maximize=draw(flag))
+
+
 # One strategy a family: random hyperparameters of its functional kernel.
 # One strategy a family: random hyperparameters of its functional kernel.
 CFG = {"sgd": sgd_cfg(), "adam": adam_cfg(), "rmsprop": rmsprop_cfg(), "adamax": adamax_cfg(),
        "adadelta": adadelta_cfg(), "nadam": nadam_cfg(), "radam": radam_cfg(),
-       "adagrad": adagrad_cfg()}
+       "adagrad": adagrad_cfg(), "lion": lion_cfg()}
 
 
 def test_every_family_has_a_strategy():
