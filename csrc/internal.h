@@ -14,6 +14,7 @@
 #ifndef FASTOPT_INTERNAL_H
 #define FASTOPT_INTERNAL_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -37,6 +38,27 @@ FO_INLINE float fo_grad_factor(const fo_grad_opts *g, int maximize)
 {
     const float m = fo_f32(g->grad_multiplier);
     return maximize ? -m : m;
+}
+
+/* torch's lerp(a, b, w) for a float32 weight w, as ATen computes it: fma(w, b-a, a) when
+ * |w| < 0.5, else fma(w-1, b-a, b).  The choice is made once per step (fo_lerp_weight) so
+ * that the loop stays branch-free. */
+typedef struct {
+    float coeff;        /* w, or w-1 when from_end */
+    int from_end;
+} fo_lerp;
+
+FO_INLINE fo_lerp fo_lerp_weight(float w)
+{
+    fo_lerp l;
+    l.from_end = !(fabsf(w) < 0.5f);
+    l.coeff = l.from_end ? w - 1.0f : w;
+    return l;
+}
+
+FO_INLINE float fo_lerp_apply(fo_lerp l, float a, float b)
+{
+    return fmaf(l.coeff, b - a, l.from_end ? b : a);
 }
 
 /* Mode bits: each family's prepare() returns the bits its body switches on, from FO_MODE(0)

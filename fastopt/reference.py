@@ -77,6 +77,25 @@ def _lerp_(start, end, weight, tmp):
     start += tmp
 
 
+def _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
+                  grad_multiplier, t1, t2):
+    """The Adam family's first half (Adam, AdamW, NAdam, RAdam), in torch's order: the
+    gradient with L2 decay, or p's decoupled decay; then m = lerp(m, g, 1-beta1) and
+    v = beta2*v + (1-beta2)*g*g.  -> g (in t1, or grad itself); t2 is scratch."""
+    if decoupled:
+        g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
+        if weight_decay != 0.0:
+            p *= 1.0 - lr * weight_decay
+    else:
+        g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    _lerp_(m, g, 1.0 - beta1, t2)
+    v *= beta2
+    np.multiply(g, g, out=t2)
+    t2 *= 1.0 - beta2
+    v += t2
+    return g
+
+
 def _effective_grad(p, grad, weight_decay, maximize, multiplier, out):
     """grad * multiplier, negated if maximize, plus weight_decay * p: into `out`, or grad
     itself when nothing changes it."""
@@ -127,17 +146,8 @@ def adam(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2
          weight_decay, decoupled, amsgrad, maximize, grad_multiplier=1.0, zero_grad=False):
     m, v = exp_avg, exp_avg_sq
     t1, t2 = _scratch(p.size)
-    if decoupled:
-        g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
-        if weight_decay != 0.0:
-            p *= 1.0 - lr * weight_decay
-    else:
-        g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
-    _lerp_(m, g, 1.0 - beta1, t2)
-    v *= beta2
-    np.multiply(g, g, out=t2)
-    t2 *= 1.0 - beta2
-    v += t2
+    g = _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
+                      grad_multiplier, t1, t2)
     if zero_grad:
         grad.fill(0.0)
     if amsgrad:
@@ -239,19 +249,10 @@ def nadam(p, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_d
     # mu_product: the group's value after this step (fastopt.families computes it)
     m, v = exp_avg, exp_avg_sq
     t1, t2 = _scratch(p.size)
-    if decoupled:
-        g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
-        if weight_decay != 0.0:
-            p *= 1.0 - lr * weight_decay
-    else:
-        g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
+    g = _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
+                      grad_multiplier, t1, t2)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
-    _lerp_(m, g, 1.0 - beta1, t2)
-    v *= beta2
-    np.multiply(g, g, out=t2)
-    t2 *= 1.0 - beta2
-    v += t2
     denom = np.divide(v, 1.0 - beta2 ** step, out=t2)
     np.sqrt(denom, out=denom)
     denom += eps
@@ -269,17 +270,8 @@ def radam(p, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_d
           decoupled, maximize, grad_multiplier=1.0, zero_grad=False):
     m, v = exp_avg, exp_avg_sq
     t1, t2 = _scratch(p.size)
-    if decoupled:
-        g = _effective_grad(p, grad, 0.0, maximize, grad_multiplier, t1)
-        if weight_decay != 0.0:
-            p *= 1.0 - lr * weight_decay
-    else:
-        g = _effective_grad(p, grad, weight_decay, maximize, grad_multiplier, t1)
-    _lerp_(m, g, 1.0 - beta1, t2)
-    v *= beta2
-    np.multiply(g, g, out=t2)
-    t2 *= 1.0 - beta2
-    v += t2
+    g = _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
+                      grad_multiplier, t1, t2)
     if zero_grad:
         grad.fill(0.0)
     bias_correction1 = 1.0 - beta1 ** step

@@ -31,8 +31,7 @@ static const char *const adam_buffers[] = {"exp_avg", "exp_avg_sq", "max_exp_avg
 typedef struct {
     float grad_factor, neg_step_size, bc2_sqrt, eps, weight_decay, decay;
     float beta2, one_minus_beta2;
-    float lerp_coeff;   /* w, or w-1 when lerp_from_grad */
-    int lerp_from_grad; /* torch's lerp switches formula at w >= 0.5 */
+    fo_lerp lerp;       /* m's weight f(1-beta1) */
 } adam_scalars;
 
 enum { ADAM_AMSGRAD = FO_MODE(0), ADAM_L2 = FO_MODE(1) };
@@ -56,8 +55,7 @@ static unsigned adam_prepare(adam_scalars *s, const adam_hparams *hp, int64_t st
     s->beta2 = fo_f32(hp->beta2);
     s->one_minus_beta2 = fo_f32(1.0 - hp->beta2);
     const float w = fo_f32(1.0 - hp->beta1);
-    s->lerp_from_grad = !(fabsf(w) < 0.5f);
-    s->lerp_coeff = s->lerp_from_grad ? w - 1.0f : w;
+    s->lerp = fo_lerp_weight(w);
     return (hp->amsgrad ? ADAM_AMSGRAD : 0u)
          | (!hp->decoupled && hp->weight_decay != 0.0 ? ADAM_L2 : 0u);
 }
@@ -68,15 +66,14 @@ FO_INLINE void adam_body(FO_BODY_ARGS(adam))
     const float grad_factor = s->grad_factor, neg_step_size = s->neg_step_size;
     const float bc2_sqrt = s->bc2_sqrt, eps = s->eps, weight_decay = s->weight_decay;
     const float decay = s->decay, beta2 = s->beta2, one_minus_beta2 = s->one_minus_beta2;
-    const float lerp_coeff = s->lerp_coeff;
-    const int lerp_from_grad = s->lerp_from_grad;
+    const fo_lerp lerp = s->lerp;
     for (size_t i = 0; i < n; i++) {
         float g = fo_read_grad(grad, i, grad_factor, modes);
         const float p_old = param[i];
         if (modes & ADAM_L2)
             g = fmaf(p_old, weight_decay, g);
         const float m_old = s0[i];
-        const float m = fmaf(lerp_coeff, g - m_old, lerp_from_grad ? g : m_old);
+        const float m = fo_lerp_apply(lerp, m_old, g);
         float v = fmaf(one_minus_beta2 * g, g, s1[i] * beta2);
         s0[i] = m;
         s1[i] = v;

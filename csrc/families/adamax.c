@@ -27,8 +27,7 @@ static const char *const adamax_buffers[] = {"exp_avg", "exp_inf"};
 
 typedef struct {
     float grad_factor, neg_clr, weight_decay, beta2, eps;
-    float lerp_coeff;   /* w, or w-1 when lerp_from_grad */
-    int lerp_from_grad; /* torch's lerp switches formula at w >= 0.5 */
+    fo_lerp lerp;       /* m's weight f(1-beta1) */
 } adamax_scalars;
 
 enum { ADAMAX_L2 = FO_MODE(0) };
@@ -49,8 +48,7 @@ static unsigned adamax_prepare(adamax_scalars *s, const adamax_hparams *hp, int6
     s->beta2 = fo_f32(hp->beta2);
     s->eps = fo_f32(hp->eps);
     const float w = fo_f32(1.0 - hp->beta1);
-    s->lerp_from_grad = !(fabsf(w) < 0.5f);
-    s->lerp_coeff = s->lerp_from_grad ? w - 1.0f : w;
+    s->lerp = fo_lerp_weight(w);
     return hp->weight_decay != 0.0 ? ADAMAX_L2 : 0u;
 }
 
@@ -59,8 +57,7 @@ FO_INLINE void adamax_body(FO_BODY_ARGS(adamax))
 {
     const float grad_factor = s->grad_factor, neg_clr = s->neg_clr;
     const float weight_decay = s->weight_decay, beta2 = s->beta2, eps = s->eps;
-    const float lerp_coeff = s->lerp_coeff;
-    const int lerp_from_grad = s->lerp_from_grad;
+    const fo_lerp lerp = s->lerp;
     (void)s2;
     for (size_t i = 0; i < n; i++) {
         const float p = param[i];
@@ -68,7 +65,7 @@ FO_INLINE void adamax_body(FO_BODY_ARGS(adamax))
         if (modes & ADAMAX_L2)
             g = fmaf(p, weight_decay, g);
         const float m_old = s0[i];
-        const float m = fmaf(lerp_coeff, g - m_old, lerp_from_grad ? g : m_old);
+        const float m = fo_lerp_apply(lerp, m_old, g);
         s0[i] = m;
         /* torch.maximum, NaN-propagating, as two selects so the loop stays branch-free */
         const float a = s1[i] * beta2, b = fabsf(g) + eps;

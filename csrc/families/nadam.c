@@ -42,8 +42,7 @@ static const char *const nadam_buffers[] = {"exp_avg", "exp_avg_sq"};
 typedef struct {
     float grad_factor, coeff_grad, coeff_avg, bc2, eps, weight_decay, decay;
     float beta2, one_minus_beta2;
-    float lerp_coeff;   /* w, or w-1 when lerp_from_grad */
-    int lerp_from_grad; /* torch's lerp switches formula at w >= 0.5 */
+    fo_lerp lerp;       /* m's weight f(1-beta1) */
 } nadam_scalars;
 
 enum { NADAM_L2 = FO_MODE(0) };
@@ -72,8 +71,7 @@ static unsigned nadam_prepare(nadam_scalars *s, const nadam_hparams *hp, int64_t
     s->beta2 = fo_f32(hp->beta2);
     s->one_minus_beta2 = fo_f32(1.0 - hp->beta2);
     const float w = fo_f32(1.0 - hp->beta1);
-    s->lerp_from_grad = !(fabsf(w) < 0.5f);
-    s->lerp_coeff = s->lerp_from_grad ? w - 1.0f : w;
+    s->lerp = fo_lerp_weight(w);
     return !hp->decoupled && hp->weight_decay != 0.0 ? NADAM_L2 : 0u;
 }
 
@@ -85,8 +83,7 @@ FO_INLINE void nadam_body(FO_BODY_ARGS(nadam))
     const float coeff_avg = s->coeff_avg, bc2 = s->bc2, eps = s->eps;
     const float weight_decay = s->weight_decay, decay = s->decay;
     const float beta2 = s->beta2, one_minus_beta2 = s->one_minus_beta2;
-    const float lerp_coeff = s->lerp_coeff;
-    const int lerp_from_grad = s->lerp_from_grad;
+    const fo_lerp lerp = s->lerp;
     for (size_t i = 0; i < n; i++) {
         float g = fo_read_grad(grad, i, grad_factor, modes);
         float p = param[i];
@@ -94,7 +91,7 @@ FO_INLINE void nadam_body(FO_BODY_ARGS(nadam))
             g = fmaf(p, weight_decay, g);
         p = p * decay;   /* decay is 1 (exact) unless NAdamW */
         const float m_old = s0[i];
-        const float m = fmaf(lerp_coeff, g - m_old, lerp_from_grad ? g : m_old);
+        const float m = fo_lerp_apply(lerp, m_old, g);
         const float v = fmaf(one_minus_beta2 * g, g, s1[i] * beta2);
         s0[i] = m;
         s1[i] = v;

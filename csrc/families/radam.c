@@ -39,8 +39,7 @@ static const char *const radam_buffers[] = {"exp_avg", "exp_avg_sq"};
 typedef struct {
     float grad_factor, lr, bc1, bc2_sqrt, rect, eps, weight_decay, decay;
     float beta2, one_minus_beta2;
-    float lerp_coeff;   /* w, or w-1 when lerp_from_grad */
-    int lerp_from_grad; /* torch's lerp switches formula at w >= 0.5 */
+    fo_lerp lerp;       /* m's weight f(1-beta1) */
 } radam_scalars;
 
 enum { RADAM_L2 = FO_MODE(0), RADAM_RECTIFIED = FO_MODE(1) };
@@ -73,8 +72,7 @@ static unsigned radam_prepare(radam_scalars *s, const radam_hparams *hp, int64_t
     s->beta2 = fo_f32(hp->beta2);
     s->one_minus_beta2 = fo_f32(1.0 - hp->beta2);
     const float w = fo_f32(1.0 - hp->beta1);
-    s->lerp_from_grad = !(fabsf(w) < 0.5f);
-    s->lerp_coeff = s->lerp_from_grad ? w - 1.0f : w;
+    s->lerp = fo_lerp_weight(w);
     return (!hp->decoupled && hp->weight_decay != 0.0 ? RADAM_L2 : 0u)
          | (rectified ? RADAM_RECTIFIED : 0u);
 }
@@ -87,8 +85,7 @@ FO_INLINE void radam_body(FO_BODY_ARGS(radam))
     const float bc2_sqrt = s->bc2_sqrt, rect = s->rect, eps = s->eps;
     const float weight_decay = s->weight_decay, decay = s->decay;
     const float beta2 = s->beta2, one_minus_beta2 = s->one_minus_beta2;
-    const float lerp_coeff = s->lerp_coeff;
-    const int lerp_from_grad = s->lerp_from_grad;
+    const fo_lerp lerp = s->lerp;
     for (size_t i = 0; i < n; i++) {
         float g = fo_read_grad(grad, i, grad_factor, modes);
         float p = param[i];
@@ -96,7 +93,7 @@ FO_INLINE void radam_body(FO_BODY_ARGS(radam))
             g = fmaf(p, weight_decay, g);
         p = p * decay;   /* decay is 1 (exact) unless RAdamW */
         const float m_old = s0[i];
-        const float m = fmaf(lerp_coeff, g - m_old, lerp_from_grad ? g : m_old);
+        const float m = fo_lerp_apply(lerp, m_old, g);
         const float v = fmaf(one_minus_beta2 * g, g, s1[i] * beta2);
         s0[i] = m;
         s1[i] = v;

@@ -28,8 +28,7 @@ static const char *const rmsprop_buffers[] = {"square_avg", "momentum_buffer", "
 
 typedef struct {
     float grad_factor, neg_lr, weight_decay, alpha, one_minus_alpha, eps, momentum;
-    float lerp_coeff;
-    int lerp_from_grad;
+    fo_lerp lerp;       /* grad_avg's weight f(1-alpha) */
 } rmsprop_scalars;
 
 enum { RMS_CENTERED = FO_MODE(0), RMS_MOMENTUM = FO_MODE(1), RMS_L2 = FO_MODE(2) };
@@ -50,8 +49,7 @@ static unsigned rmsprop_prepare(rmsprop_scalars *s, const rmsprop_hparams *hp, i
     s->one_minus_alpha = fo_f32(1.0 - hp->alpha);
     s->eps = fo_f32(hp->eps);
     s->momentum = fo_f32(hp->momentum);
-    s->lerp_from_grad = !(fabsf(s->one_minus_alpha) < 0.5f);
-    s->lerp_coeff = s->lerp_from_grad ? s->one_minus_alpha - 1.0f : s->one_minus_alpha;
+    s->lerp = fo_lerp_weight(s->one_minus_alpha);
     return (hp->centered ? RMS_CENTERED : 0u) | (hp->momentum > 0.0 ? RMS_MOMENTUM : 0u)
          | (hp->weight_decay != 0.0 ? RMS_L2 : 0u);
 }
@@ -62,8 +60,7 @@ FO_INLINE void rmsprop_body(FO_BODY_ARGS(rmsprop))
     const float grad_factor = s->grad_factor, neg_lr = s->neg_lr;
     const float weight_decay = s->weight_decay, alpha = s->alpha;
     const float one_minus_alpha = s->one_minus_alpha, eps = s->eps, momentum = s->momentum;
-    const float lerp_coeff = s->lerp_coeff;
-    const int lerp_from_grad = s->lerp_from_grad;
+    const fo_lerp lerp = s->lerp;
     for (size_t i = 0; i < n; i++) {
         const float p = param[i];
         float g = fo_read_grad(grad, i, grad_factor, modes);
@@ -74,7 +71,7 @@ FO_INLINE void rmsprop_body(FO_BODY_ARGS(rmsprop))
         float avg;
         if (modes & RMS_CENTERED) {
             const float ga_old = s2[i];
-            const float ga = fmaf(lerp_coeff, g - ga_old, lerp_from_grad ? g : ga_old);
+            const float ga = fo_lerp_apply(lerp, ga_old, g);
             s2[i] = ga;
             avg = sqrtf(fmaf(-ga, ga, sa));
         } else {
