@@ -363,6 +363,7 @@ cdef class Stepper:
     cdef dict arrays                   # keeps every arena alive while its pointer is held
     cdef object records
     cdef tuple field_names
+    cdef dict layout                    # field -> (offset, is double), from C's table
     cdef fo_group *groups
     cdef unsigned *needs                # per group: the buffers its hyperparameters use
     cdef bint *ready                    # per group: every field has been set
@@ -384,6 +385,10 @@ cdef class Stepper:
             raise ValueError("records must be a writeable contiguous array of one record a group")
         self.records = records
         self.field_names = tuple(records.dtype.names)
+        self.layout = {}
+        for i in range(<Py_ssize_t>self.fam.nfields):
+            self.layout[self.fam.fields[i].name.decode()] = (self.fam.fields[i].offset,
+                                                             self.fam.fields[i].type == FO_F64)
         self.arrays = {"param": param.base, "grad": grad.base}
         self.param = &param[0] if self.n else NULL
         self.grad = &grad[0] if self.n else NULL
@@ -438,9 +443,19 @@ cdef class Stepper:
             missing = [k for k in self.field_names if k not in fields]
             if missing:
                 raise ValueError(f"group {i}: fields {missing} are not set")
-        rec = self.records[i:i + 1]
+        cdef unsigned char *rec = <unsigned char *>self.groups[i].hparams
+        cdef Py_ssize_t off
+        table = self.layout
         for key, value in fields.items():
-            rec[key] = value
+            try:
+                off, is_double = table[key]
+            except KeyError:
+                raise ValueError(f"{self.fam.name.decode()} has no hyperparameter {key!r}") from None
+            # at the C struct's own offsets, in the record array the stepper keeps
+            if is_double:
+                (<double *>(rec + off))[0] = value
+            else:
+                (<int32_t *>(rec + off))[0] = value
         self.needs[i] = self.fam.needs(self.groups[i].hparams)
         self.ready[i] = True
 

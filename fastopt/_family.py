@@ -9,6 +9,7 @@ kernel's fields.  From these two, fastopt builds the Cython binding's records, t
 `fastopt.functional`, `fastopt.reference`, the argument checks, the state-dict keys, the
 checkpoint contents and the test tables.  Pure Python and NumPy: no compiled code here.
 """
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -201,7 +202,10 @@ def check_torch_only(options):
         raise ValueError("differentiable=True (autograd through the step) is not supported")
 
 
-def f32(x):
-    """x rounded to float32, as a Python float (torch's float32 scalar-tensor arithmetic)."""
-    return float(np.float32(x))
+_F32 = struct.Struct("f")
 
+
+def f32(x):
+    """x rounded to float32, as a Python float (torch's float32 scalar-tensor arithmetic);
+    struct's round trip is NumPy's float32 conversion at a third of the cost."""
+    return _F32.unpack(_F32.pack(x))[0]
