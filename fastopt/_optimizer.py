@@ -25,10 +25,9 @@ import numpy as np
 
 from fastopt import _state_dict
 from fastopt import _validate as V
-from fastopt._arena import ALIGN_BYTES, Arena, aligned_zeros, parse_params  # noqa: F401
+from fastopt._arena import Arena, aligned_zeros, parse_params
 from fastopt._family import TORCH_ONLY, check_torch_only
 from fastopt.clip import clip_coefficient, norm_type_arg
-from fastopt.families import OPTIMIZERS
 
 
 class Optimizer:

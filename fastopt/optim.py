@@ -5,9 +5,10 @@ Every class here is built from its declaration in fastopt.families on the C kern
 `Optimizer` and each class's docstring.
 """
 from fastopt import _core
-from fastopt._optimizer import ALIGN_BYTES, Optimizer, optimizer_class  # noqa: F401
+from fastopt._arena import ALIGN_BYTES  # noqa: F401  (the arena's alignment, as before)
+from fastopt._optimizer import Optimizer, optimizer_class  # noqa: F401
 from fastopt.families import OPTIMIZERS
 
 globals().update({name: optimizer_class(spec, _core, __name__)
                   for name, spec in OPTIMIZERS.items()})
-__all__ = ["Optimizer", *OPTIMIZERS]
+__all__ = ["Optimizer", "ALIGN_BYTES", *OPTIMIZERS]

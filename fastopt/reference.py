@@ -146,8 +146,8 @@ def adam(p, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, beta1, beta2
          weight_decay, decoupled, amsgrad, maximize, grad_multiplier=1.0, zero_grad=False):
     m, v = exp_avg, exp_avg_sq
     t1, t2 = _scratch(p.size)
-    g = _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
-                      grad_multiplier, t1, t2)
+    _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
+                  grad_multiplier, t1, t2)
     if zero_grad:
         grad.fill(0.0)
     if amsgrad:
@@ -270,8 +270,8 @@ def radam(p, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_d
           decoupled, maximize, grad_multiplier=1.0, zero_grad=False):
     m, v = exp_avg, exp_avg_sq
     t1, t2 = _scratch(p.size)
-    g = _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
-                      grad_multiplier, t1, t2)
+    _adam_moments(p, grad, m, v, lr, beta1, beta2, weight_decay, decoupled, maximize,
+                  grad_multiplier, t1, t2)
     if zero_grad:
         grad.fill(0.0)
     bias_correction1 = 1.0 - beta1 ** step
