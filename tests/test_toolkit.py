@@ -388,6 +388,8 @@ CORRUPT = [
         {"class": "SGD"}))), "holds a 'SGD' optimizer"),
     ("bad steps", lambda d: _rewrite(d, _meta_edit(lambda meta: meta.update(
         {"steps": ["1", 1]}))), "bad step counts"),
+    ("step count past int64", lambda d: _rewrite(d, _meta_edit(lambda meta: meta.update(
+        {"steps": [2 ** 63, 1]}))), "bad step counts"),
 ]
 
 
