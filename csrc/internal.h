@@ -61,6 +61,42 @@ FO_INLINE float fo_lerp_apply(fo_lerp l, float a, float b)
     return fmaf(l.coeff, b - a, l.from_end ? b : a);
 }
 
+/* The first half of Adam, AdamW, NAdam and RAdam, in torch's order: the weight decay, either
+ * L2 into the gradient, g = fma(p, f(wd), g), or decoupled on the param, p = p * f(1 - lr*wd)
+ * (a factor of exactly 1 otherwise); then m = lerp(m, g, f(1-beta1)) and
+ * v = fma(f(1-beta2)*g, g, v*f(beta2)) (torch's addcmul).  Prepared once per step. */
+typedef struct {
+    float weight_decay, decay, beta2, one_minus_beta2;
+    fo_lerp lerp;
+} fo_moments;
+
+typedef struct {
+    float g, p, m, v;   /* the gradient (with L2), the decayed param, the new m and v */
+} fo_moments_out;
+
+/* -> 1 when the weight decay is L2 (the body's mode bit for it) */
+FO_INLINE int fo_moments_prepare(fo_moments *a, double lr, double beta1, double beta2,
+                                 double weight_decay, int decoupled)
+{
+    a->weight_decay = fo_f32(weight_decay);
+    a->decay = decoupled ? fo_f32(1.0 - lr * weight_decay) : 1.0f;
+    a->beta2 = fo_f32(beta2);
+    a->one_minus_beta2 = fo_f32(1.0 - beta2);
+    a->lerp = fo_lerp_weight(fo_f32(1.0 - beta1));
+    return !decoupled && weight_decay != 0.0;
+}
+
+FO_INLINE fo_moments_out fo_moments_apply(fo_moments a, int l2, float g, float p, float m,
+                                          float v)
+{
+    fo_moments_out o;
+    o.g = l2 ? fmaf(p, a.weight_decay, g) : g;
+    o.p = p * a.decay;
+    o.m = fo_lerp_apply(a.lerp, m, o.g);
+    o.v = fmaf(a.one_minus_beta2 * o.g, o.g, v * a.beta2);
+    return o;
+}
+
 /* Mode bits: each family's prepare() returns the bits its body switches on, from FO_MODE(0)
  * up; the framework adds FO_ZERO_GRAD.  Every combination is its own branch-free loop. */
 #define FO_ZERO_GRAD 1u

@@ -29,9 +29,8 @@ FO_HPARAMS(adam, ADAM_FIELDS)
 static const char *const adam_buffers[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
 
 typedef struct {
-    float grad_factor, neg_step_size, bc2_sqrt, eps, weight_decay, decay;
-    float beta2, one_minus_beta2;
-    fo_lerp lerp;       /* m's weight f(1-beta1) */
+    float grad_factor, neg_step_size, bc2_sqrt, eps;
+    fo_moments moments;
 } adam_scalars;
 
 enum { ADAM_AMSGRAD = FO_MODE(0), ADAM_L2 = FO_MODE(1) };
@@ -50,31 +49,23 @@ static unsigned adam_prepare(adam_scalars *s, const adam_hparams *hp, int64_t st
     s->neg_step_size = fo_f32(-(hp->lr / bc1));
     s->bc2_sqrt = fo_f32(sqrt(bc2));
     s->eps = fo_f32(hp->eps);
-    s->weight_decay = fo_f32(hp->weight_decay);
-    s->decay = hp->decoupled ? fo_f32(1.0 - hp->lr * hp->weight_decay) : 1.0f;
-    s->beta2 = fo_f32(hp->beta2);
-    s->one_minus_beta2 = fo_f32(1.0 - hp->beta2);
-    const float w = fo_f32(1.0 - hp->beta1);
-    s->lerp = fo_lerp_weight(w);
-    return (hp->amsgrad ? ADAM_AMSGRAD : 0u)
-         | (!hp->decoupled && hp->weight_decay != 0.0 ? ADAM_L2 : 0u);
+    const int l2 = fo_moments_prepare(&s->moments, hp->lr, hp->beta1, hp->beta2,
+                                      hp->weight_decay, hp->decoupled);
+    return (hp->amsgrad ? ADAM_AMSGRAD : 0u) | (l2 ? ADAM_L2 : 0u);
 }
 
 /* s0 = exp_avg, s1 = exp_avg_sq, s2 = max_exp_avg_sq */
 FO_INLINE void adam_body(FO_BODY_ARGS(adam))
 {
     const float grad_factor = s->grad_factor, neg_step_size = s->neg_step_size;
-    const float bc2_sqrt = s->bc2_sqrt, eps = s->eps, weight_decay = s->weight_decay;
-    const float decay = s->decay, beta2 = s->beta2, one_minus_beta2 = s->one_minus_beta2;
-    const fo_lerp lerp = s->lerp;
+    const float bc2_sqrt = s->bc2_sqrt, eps = s->eps;
+    const fo_moments moments = s->moments;
     for (size_t i = 0; i < n; i++) {
-        float g = fo_read_grad(grad, i, grad_factor, modes);
-        const float p_old = param[i];
-        if (modes & ADAM_L2)
-            g = fmaf(p_old, weight_decay, g);
-        const float m_old = s0[i];
-        const float m = fo_lerp_apply(lerp, m_old, g);
-        float v = fmaf(one_minus_beta2 * g, g, s1[i] * beta2);
+        const float g = fo_read_grad(grad, i, grad_factor, modes);
+        const fo_moments_out o = fo_moments_apply(moments, modes & ADAM_L2, g, param[i], s0[i],
+                                                  s1[i]);
+        const float m = o.m;
+        float v = o.v;
         s0[i] = m;
         s1[i] = v;
         if (modes & ADAM_AMSGRAD) {
@@ -86,7 +77,7 @@ FO_INLINE void adam_body(FO_BODY_ARGS(adam))
             s2[i] = v;
         }
         const float denom = sqrtf(v) / bc2_sqrt + eps;
-        param[i] = p_old * decay + (neg_step_size * m) / denom;   /* decay is 1 unless AdamW */
+        param[i] = o.p + (neg_step_size * m) / denom;   /* o.p: decayed only by AdamW */
     }
 }
 

@@ -40,9 +40,8 @@ FO_HPARAMS(nadam, NADAM_FIELDS)
 static const char *const nadam_buffers[] = {"exp_avg", "exp_avg_sq"};
 
 typedef struct {
-    float grad_factor, coeff_grad, coeff_avg, bc2, eps, weight_decay, decay;
-    float beta2, one_minus_beta2;
-    fo_lerp lerp;       /* m's weight f(1-beta1) */
+    float grad_factor, coeff_grad, coeff_avg, bc2, eps;
+    fo_moments moments;
 } nadam_scalars;
 
 enum { NADAM_L2 = FO_MODE(0) };
@@ -66,13 +65,9 @@ static unsigned nadam_prepare(nadam_scalars *s, const nadam_hparams *hp, int64_t
     s->coeff_avg = fo_f32((-hp->lr * mu_next) / (1.0 - mp_next));
     s->bc2 = fo_f32(1.0 - pow(hp->beta2, t));
     s->eps = fo_f32(hp->eps);
-    s->weight_decay = fo_f32(hp->weight_decay);
-    s->decay = hp->decoupled ? fo_f32(1.0 - hp->lr * hp->weight_decay) : 1.0f;
-    s->beta2 = fo_f32(hp->beta2);
-    s->one_minus_beta2 = fo_f32(1.0 - hp->beta2);
-    const float w = fo_f32(1.0 - hp->beta1);
-    s->lerp = fo_lerp_weight(w);
-    return !hp->decoupled && hp->weight_decay != 0.0 ? NADAM_L2 : 0u;
+    const int l2 = fo_moments_prepare(&s->moments, hp->lr, hp->beta1, hp->beta2,
+                                      hp->weight_decay, hp->decoupled);
+    return l2 ? NADAM_L2 : 0u;
 }
 
 /* s0 = exp_avg, s1 = exp_avg_sq */
@@ -81,23 +76,17 @@ FO_INLINE void nadam_body(FO_BODY_ARGS(nadam))
     (void)s2;
     const float grad_factor = s->grad_factor, coeff_grad = s->coeff_grad;
     const float coeff_avg = s->coeff_avg, bc2 = s->bc2, eps = s->eps;
-    const float weight_decay = s->weight_decay, decay = s->decay;
-    const float beta2 = s->beta2, one_minus_beta2 = s->one_minus_beta2;
-    const fo_lerp lerp = s->lerp;
+    const fo_moments moments = s->moments;
     for (size_t i = 0; i < n; i++) {
-        float g = fo_read_grad(grad, i, grad_factor, modes);
-        float p = param[i];
-        if (modes & NADAM_L2)
-            g = fmaf(p, weight_decay, g);
-        p = p * decay;   /* decay is 1 (exact) unless NAdamW */
-        const float m_old = s0[i];
-        const float m = fo_lerp_apply(lerp, m_old, g);
-        const float v = fmaf(one_minus_beta2 * g, g, s1[i] * beta2);
+        const fo_moments_out o = fo_moments_apply(moments, modes & NADAM_L2,
+                                                  fo_read_grad(grad, i, grad_factor, modes),
+                                                  param[i], s0[i], s1[i]);
+        const float g = o.g, p = o.p, m = o.m, v = o.v;   /* p: decayed only when decoupled */
         s0[i] = m;
         s1[i] = v;
         const float denom = sqrtf(v / bc2) + eps;
-        p = p + (coeff_grad * g) / denom;
-        param[i] = p + (coeff_avg * m) / denom;
+        const float p1 = p + (coeff_grad * g) / denom;
+        param[i] = p1 + (coeff_avg * m) / denom;
     }
 }
 

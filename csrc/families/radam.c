@@ -37,9 +37,8 @@ FO_HPARAMS(radam, RADAM_FIELDS)
 static const char *const radam_buffers[] = {"exp_avg", "exp_avg_sq"};
 
 typedef struct {
-    float grad_factor, lr, bc1, bc2_sqrt, rect, eps, weight_decay, decay;
-    float beta2, one_minus_beta2;
-    fo_lerp lerp;       /* m's weight f(1-beta1) */
+    float grad_factor, lr, bc1, bc2_sqrt, rect, eps;
+    fo_moments moments;
 } radam_scalars;
 
 enum { RADAM_L2 = FO_MODE(0), RADAM_RECTIFIED = FO_MODE(1) };
@@ -67,13 +66,9 @@ static unsigned radam_prepare(radam_scalars *s, const radam_hparams *hp, int64_t
                                      / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5))
                         : 0.0f;
     s->eps = fo_f32(hp->eps);
-    s->weight_decay = fo_f32(hp->weight_decay);
-    s->decay = hp->decoupled ? fo_f32(1.0 - hp->lr * hp->weight_decay) : 1.0f;
-    s->beta2 = fo_f32(hp->beta2);
-    s->one_minus_beta2 = fo_f32(1.0 - hp->beta2);
-    const float w = fo_f32(1.0 - hp->beta1);
-    s->lerp = fo_lerp_weight(w);
-    return (!hp->decoupled && hp->weight_decay != 0.0 ? RADAM_L2 : 0u)
+    const int l2 = fo_moments_prepare(&s->moments, hp->lr, hp->beta1, hp->beta2,
+                                      hp->weight_decay, hp->decoupled);
+    return (l2 ? RADAM_L2 : 0u)
          | (rectified ? RADAM_RECTIFIED : 0u);
 }
 
@@ -83,18 +78,12 @@ FO_INLINE void radam_body(FO_BODY_ARGS(radam))
     (void)s2;
     const float grad_factor = s->grad_factor, lr = s->lr, bc1 = s->bc1;
     const float bc2_sqrt = s->bc2_sqrt, rect = s->rect, eps = s->eps;
-    const float weight_decay = s->weight_decay, decay = s->decay;
-    const float beta2 = s->beta2, one_minus_beta2 = s->one_minus_beta2;
-    const fo_lerp lerp = s->lerp;
+    const fo_moments moments = s->moments;
     for (size_t i = 0; i < n; i++) {
-        float g = fo_read_grad(grad, i, grad_factor, modes);
-        float p = param[i];
-        if (modes & RADAM_L2)
-            g = fmaf(p, weight_decay, g);
-        p = p * decay;   /* decay is 1 (exact) unless RAdamW */
-        const float m_old = s0[i];
-        const float m = fo_lerp_apply(lerp, m_old, g);
-        const float v = fmaf(one_minus_beta2 * g, g, s1[i] * beta2);
+        const fo_moments_out o = fo_moments_apply(moments, modes & RADAM_L2,
+                                                  fo_read_grad(grad, i, grad_factor, modes),
+                                                  param[i], s0[i], s1[i]);
+        const float p = o.p, m = o.m, v = o.v;   /* p: decayed only when decoupled */
         s0[i] = m;
         s1[i] = v;
         const float step = (m / bc1) * lr;
