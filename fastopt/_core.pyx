@@ -367,6 +367,9 @@ cdef class Stepper:
     cdef fo_group *groups
     cdef unsigned *needs                # per group: the buffers its hyperparameters use
     cdef bint *ready                    # per group: every field has been set
+    # a run is in progress (its kernel runs without the GIL): no other run, and no arena or
+    # field may change under it.  Read and written with the GIL held, so the test is atomic.
+    cdef bint running
 
     def __cinit__(self, str family, float[::1] param not None, float[::1] grad not None,
                   list ranges, records not None):
@@ -418,6 +421,7 @@ cdef class Stepper:
     def set_buffer(self, str name, float[::1] arena not None):
         """Add the state arena `name` (same length as the params, overlapping nothing)."""
         cdef size_t k, slot = self.fam.nbuffers
+        self._idle("set_buffer")
         for k in range(self.fam.nbuffers):
             if self.fam.buffers[k].decode() == name:
                 slot = k
@@ -437,6 +441,7 @@ cdef class Stepper:
     def set_fields(self, Py_ssize_t i, fields):
         """Write group i's hyperparameters by name (validated by the caller); the first call
         for a group must give every field."""
+        self._idle("set_fields")
         if i < 0 or i >= self.ngroups:
             raise IndexError(f"group {i} of {self.ngroups}")
         if not self.ready[i]:
@@ -467,6 +472,7 @@ cdef class Stepper:
         cdef fo_grad_opts opts = _grad_opts(grad_multiplier, zero_grad)
         cdef int64_t taken
         cdef unsigned present = 0
+        self._idle("run")
         if len(steps) != self.ngroups:
             raise ValueError(f"{len(steps)} step counts for {self.ngroups} groups")
         for k in range(self.fam.nbuffers):
@@ -486,9 +492,18 @@ cdef class Stepper:
             self.groups[i].step = taken + 1
         if self.n == 0:
             return
-        with nogil:
-            fo_step(self.fam, &ex, self.param, self.grad, self.bufs, &opts, self.groups,
-                    self.ngroups)
+        self.running = True
+        try:
+            with nogil:
+                fo_step(self.fam, &ex, self.param, self.grad, self.bufs, &opts, self.groups,
+                        self.ngroups)
+        finally:
+            self.running = False
+
+    cdef _idle(self, str what):
+        if self.running:
+            raise RuntimeError(f"Stepper.{what}: a step of this stepper is running in another "
+                               "thread")
 
 
 # ---- gradient norm ----------------------------------------------------------------------------

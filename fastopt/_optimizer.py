@@ -16,10 +16,18 @@ torch.optim are stated in each class's docstring; the common ones:
 * every parameter is stepped, whether its gradient was written or not (there is no
   ``grad is None``); `zero_grad()` writes zeros, it cannot set gradients to None;
 * the param groups are fixed at construction (no `add_param_group`): the arena cannot grow;
-* a group steps as one unit, so all its parameters share one step count.
+* a group steps as one unit, so all its parameters share one step count;
+* one thread at a time: `step`, `zero_grad`, `state_dict`, `load_state_dict`, `save` and
+  `load` raise a RuntimeError when another thread is inside one of them on the same optimizer
+  (torch's optimizers are not thread-safe either, but here a kernel runs with the GIL released
+  over buffers that a second step could start or replace; refusing keeps every step and
+  every checkpoint whole).  A closure may call them: the same thread may re-enter.
 """
+import contextlib
+import functools
 import inspect
 import operator
+import threading
 
 import numpy as np
 
@@ -28,6 +36,22 @@ from fastopt import _validate as V
 from fastopt._arena import Arena, aligned_zeros, parse_params
 from fastopt._family import TORCH_ONLY, check_torch_only
 from fastopt.clip import clip_coefficient, norm_type_arg
+
+
+def _exclusive(method):
+    """Run `method` holding the optimizer (Optimizer.exclusive)."""
+    what = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        lock = self._lock
+        if not lock.acquire(False):
+            raise self._busy(what)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release()
+    return wrapper
 
 
 class Optimizer:
@@ -42,11 +66,13 @@ class Optimizer:
 
     _spec = None
     _backend = None
+    _lock = None        # one thread at a time: see exclusive()
 
     def __init__(self, params, *args, skip_nonfinite=False, **kwargs):
         spec = self._spec
         if spec is None:
             raise TypeError("Optimizer is a base class: use SGD, Adam, ... (fastopt.families)")
+        self._lock = threading.RLock()
         bound = self.__signature__.bind(params, *args, **kwargs).arguments
         options = {k: bound.get(k, spec.defaults[k]) for k in spec.defaults}
         check_torch_only(options)
@@ -153,6 +179,7 @@ class Optimizer:
         """Steps taken by each param group (a copy)."""
         return list(self._steps)
 
+    @_exclusive
     def zero_grad(self, set_to_none=True):
         """Zero every gradient: one fill of the gradient arena.
 
@@ -181,46 +208,53 @@ class Optimizer:
         Every argument and every group's hyperparameters are checked before anything is
         updated: on a bad value the call raises and nothing has changed.
         """
-        loss = None
-        if closure is not None:
-            loss = closure()
-        if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
-            grad_multiplier = V.real("grad_multiplier", grad_multiplier, lo=0.0)
-        if zero_grad is not False:
-            zero_grad = V.flag("zero_grad", zero_grad)
-        if max_grad_norm is not None:
-            max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
-            norm_type = norm_type_arg(norm_type)
-        snapshot, seen, changed = self._snapshot, self._seen, None
-        for i, group in enumerate(self.param_groups):
-            if snapshot(group) != seen[i]:
-                changed = self._changed_groups()       # may raise: nothing has changed yet
-                break
-        if max_grad_norm is not None or self.skip_nonfinite:
-            total, nonfinite = self._backend.grad_norm(
-                self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
-            total *= grad_multiplier
-            self.last_grad_norm = total
-            if nonfinite and self.skip_nonfinite:
-                self.skipped_steps += 1
-                if zero_grad:
-                    self.flat_grads.fill(0.0)
-                return loss if closure is not None else False
+        lock = self._lock                   # Optimizer.exclusive, inlined: the hot path
+        if not lock.acquire(False):
+            raise self._busy("step")
+        try:
+            loss = None
+            if closure is not None:
+                loss = closure()
+            if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
+                grad_multiplier = V.real("grad_multiplier", grad_multiplier, lo=0.0)
+            if zero_grad is not False:
+                zero_grad = V.flag("zero_grad", zero_grad)
             if max_grad_norm is not None:
-                coef = clip_coefficient(total, max_grad_norm)
-                if coef != 1.0:
-                    grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
-        if changed:
-            self._refresh(changed)
-        derived = self._derive() if self._derive_pending else None
-        self._run(grad_multiplier, zero_grad)
-        steps = self._steps
-        for i in range(len(steps)):
-            steps[i] += 1
-        if self._fresh_pending or derived is not None:
-            self._advance(derived)
-        return loss if closure is not None else True
+                max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
+                norm_type = norm_type_arg(norm_type)
+            snapshot, seen, changed = self._snapshot, self._seen, None
+            for i, group in enumerate(self.param_groups):
+                if snapshot(group) != seen[i]:
+                    changed = self._changed_groups()       # may raise: nothing has changed yet
+                    break
+            if max_grad_norm is not None or self.skip_nonfinite:
+                total, nonfinite = self._backend.grad_norm(
+                    self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
+                total *= grad_multiplier
+                self.last_grad_norm = total
+                if nonfinite and self.skip_nonfinite:
+                    self.skipped_steps += 1
+                    if zero_grad:
+                        self.flat_grads.fill(0.0)
+                    return loss if closure is not None else False
+                if max_grad_norm is not None:
+                    coef = clip_coefficient(total, max_grad_norm)
+                    if coef != 1.0:
+                        grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
+            if changed:
+                self._refresh(changed)
+            derived = self._derive() if self._derive_pending else None
+            self._run(grad_multiplier, zero_grad)
+            steps = self._steps
+            for i in range(len(steps)):
+                steps[i] += 1
+            if self._fresh_pending or derived is not None:
+                self._advance(derived)
+            return loss if closure is not None else True
+        finally:
+            lock.release()
 
+    @_exclusive
     def state_dict(self):
         """torch-shaped: {'state': {index: {...}}, 'param_groups': [{..., 'params': [index]}]}.
 
@@ -234,6 +268,7 @@ class Optimizer:
             groups.append(g)
         return {"state": self._collect_state(copy=True), "param_groups": groups}
 
+    @_exclusive
     def load_state_dict(self, state_dict):
         """Restore state and hyperparameters from `state_dict()`'s output.
 
@@ -273,12 +308,14 @@ class Optimizer:
             group["params"] = params
         self._seen = [None] * len(self.param_groups)     # resend everything on the next step
 
+    @_exclusive
     def save(self, path, scheduler=None):
         """Write a checkpoint: params, state, hyperparameters, step counts (and the
         scheduler's state) in one .npz file, atomically.  See fastopt.checkpoint."""
         from fastopt import checkpoint
         checkpoint.save(path, self, scheduler)
 
+    @_exclusive
     def load(self, path, scheduler=None):
         """Restore from a checkpoint written by `save`; on any problem a ValueError, and
         nothing has changed.  See fastopt.checkpoint."""
@@ -293,6 +330,25 @@ class Optimizer:
                 lines.append(f"    {key}: {group[key]}")
         lines.append(")")
         return "\n".join(lines)
+
+    @contextlib.contextmanager
+    def exclusive(self, what):
+        """Hold this optimizer for one operation `what` (a name for the error message): the
+        lock `step`, `zero_grad`, `state_dict`, `load_state_dict`, `save` and `load` take.
+        Another thread that tries to enter meanwhile gets a RuntimeError; this thread may
+        re-enter."""
+        if not self._lock.acquire(False):
+            raise self._busy(what)
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
+    def _busy(self, what):
+        return RuntimeError(
+            f"{type(self).__name__}.{what}(): another thread is in a call on this optimizer; "
+            "an optimizer is used by one thread at a time (step, zero_grad, state_dict, "
+            "load_state_dict, save and load refuse to overlap)")
 
     # ---- stepping ------------------------------------------------------------------------
 
