@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fastopt import _validate as V
+from fastopt._family import check_group_keys
 
 ALIGN_BYTES = 64
 ALIGN = ALIGN_BYTES // 4  # in float32 elements
@@ -123,10 +124,7 @@ def parse_params(params, known_keys):
         for i, g in enumerate(params):
             if "params" not in g:
                 raise ValueError(f"param_groups[{i}] has no 'params' entry")
-            unknown = set(g) - set(known_keys) - {"params"}
-            if unknown:
-                raise ValueError(f"param_groups[{i}] has unknown keys {sorted(unknown)}; "
-                                 f"known: {sorted(known_keys)}")
+            check_group_keys(g, known_keys, f"param_groups[{i}]")
             raw_groups.append((g["params"], {k: v for k, v in g.items() if k != "params"},
                                f"param_groups[{i}].params"))
     else:

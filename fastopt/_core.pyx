@@ -68,12 +68,29 @@ def compile_flags():
     return fo_compile_flags().decode()
 
 
+# More threads than any machine has; a larger count is a mistake, not a request.
+cdef enum:
+    MAX_THREADS_C = 65536
+MAX_THREADS = MAX_THREADS_C
+
+
 def _threads_from_env():
-    try:
-        n = int(os.environ.get("OMP_NUM_THREADS", "1").split(",")[0])
-    except ValueError:
+    """OMP_NUM_THREADS's first entry, or 1.  A value that cannot be honoured is a warning and
+    the default, never a failed import."""
+    raw = os.environ.get("OMP_NUM_THREADS")
+    if raw is None or not raw.strip():
         return 1
-    return max(n, 1)
+    try:
+        n = int(raw.split(",")[0])
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_THREADS:
+        import warnings
+        warnings.warn(f"fastopt: OMP_NUM_THREADS={raw!r} is not a thread count from 1 to "
+                      f"{MAX_THREADS}; fastopt uses 1 thread (set_num_threads changes it)",
+                      RuntimeWarning, stacklevel=2)
+        return 1
+    return n
 
 
 # fastopt's own thread setting.  It defaults to one thread unless OMP_NUM_THREADS says
@@ -91,7 +108,7 @@ def get_num_threads():
     without OpenMP."""
     if not fo_have_openmp():
         return 1
-    return min(_num_threads, fo_omp_max_threads())
+    return min(_num_threads, _omp_cap())
 
 
 def set_num_threads(n):
@@ -99,8 +116,8 @@ def set_num_threads(n):
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n must be from 1 to {MAX_THREADS}, got {n}")
     if n > 1 and not fo_have_openmp():
         raise ValueError("this build of fastopt has no OpenMP: it runs on one thread")
     _num_threads = n
@@ -118,9 +135,16 @@ def set_min_per_thread(n):
     _min_per_thread = n
 
 
+cdef inline int _omp_cap() noexcept:
+    """OpenMP's own thread limit; an OMP_NUM_THREADS past int's range leaves it negative in
+    libgomp, which is then no limit (fastopt's own count is bounded and warned about)."""
+    cdef int cap = fo_omp_max_threads()
+    return cap if cap >= 1 else MAX_THREADS_C
+
+
 cdef inline fo_exec _exec() noexcept:
     cdef fo_exec ex
-    cdef int cap = fo_omp_max_threads()
+    cdef int cap = _omp_cap()
     ex.isa = _isa
     ex.num_threads = _num_threads if _num_threads < cap else cap
     ex.min_per_thread = _min_per_thread

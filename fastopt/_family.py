@@ -120,12 +120,13 @@ class Family:
         """Check the user-given fields (a mapping by field name) -> dict of normalized values.
         `names` maps a field to the name its messages use (a param group's key)."""
         out = {}
-        if names:
-            for f in self.user_fields:
-                out[f.name] = f.check(prefix + names.get(f.name, f.name), values[f.name])
-        else:
-            for f in self.user_fields:
-                out[f.name] = f.check(prefix + f.name, values[f.name])
+        for f in self.user_fields:
+            name = prefix + (names.get(f.name, f.name) if names else f.name)
+            x = out[f.name] = f.check(name, values[f.name])
+            if f.ctype == "f8" and not -V.FLOAT32_MAX <= x <= V.FLOAT32_MAX:
+                raise ValueError(f"{name} must be within float32's range (|x| <= "
+                                 f"{V.FLOAT32_MAX:.8g}): the kernels compute in float32; "
+                                 f"got {x!r}")
         if self.check is not None:
             self.check(out, prefix)
         return out
@@ -172,6 +173,10 @@ class OptimizerSpec:
         message names the group key (prefix + key)."""
         fam = self.family
         values, names = {}, {}
+        missing = [key for key in self.group_keys() if key not in group]
+        if missing:
+            raise ValueError(f"{prefix.rstrip('.') or 'the group'} has no {missing[0]!r} (every "
+                             f"param group holds {list(self.group_keys())})")
         for key in self.group_keys():
             target = self.keys.get(key, key)
             if isinstance(target, tuple):
@@ -192,6 +197,49 @@ class OptimizerSpec:
 
 
 TORCH_ONLY = ("foreach", "fused", "capturable", "differentiable")
+
+# What fastopt's groups say for torch's options, in state_dict() too, so that torch loading
+# it stays on the path fastopt is on: fused (every step is one fused pass), no foreach, not
+# capturable, not differentiable.  Only the ones torch's class has appear (its signature).
+TORCH_VALUES = {"foreach": None, "fused": True, "capturable": False, "differentiable": False}
+
+
+def torch_group_keys(spec):
+    """{torch-only key: fastopt's value} for the keys of spec's torch signature."""
+    return {k: TORCH_VALUES[k] for k in spec.signature if k in TORCH_VALUES}
+
+
+def check_group_keys(group, known, where):
+    """Keys of a param group beyond its hyperparameters are the caller's (a 'name', say) and
+    are kept, as torch keeps them; but a key one edit away from a hyperparameter ('lrr',
+    'weight_decya', 'Betas') is refused as the typo it almost surely is.  torch's own options
+    are checked (capturable and differentiable must be false)."""
+    check_torch_only(group)
+    targets = tuple(known) + TORCH_ONLY
+    for key in group:
+        if key == "params" or key in targets:
+            continue
+        if not isinstance(key, str):
+            raise TypeError(f"{where} has a key {key!r} that is not a string")
+        near = [t for t in targets if _one_edit(key.lower(), t)]
+        if near:
+            raise ValueError(f"{where} has the key {key!r}, one edit away from {near[0]!r}: "
+                             f"a typo? (hyperparameters: {sorted(known)})")
+
+
+def _one_edit(a, b):
+    """Whether a and b differ by at most one insertion, deletion, substitution or swap of
+    neighbours."""
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:] and a[i:i + 2] == b[i:i + 2][::-1])
+    return a[i + 1:] == b[i:] if len(a) > len(b) else a[i:] == b[i + 1:]
 
 
 def check_torch_only(options):

@@ -34,8 +34,17 @@ import numpy as np
 from fastopt import _state_dict
 from fastopt import _validate as V
 from fastopt._arena import Arena, aligned_zeros, parse_params
-from fastopt._family import TORCH_ONLY, check_torch_only
+from fastopt._family import TORCH_ONLY, check_torch_only, torch_group_keys
 from fastopt.clip import clip_coefficient, norm_type_arg
+
+
+def _same(snapshot, group, seen):
+    """Whether a group's hyperparameters are the ones last sent.  A deleted key, or an
+    array where a number belongs, is a change (the check that follows names it)."""
+    try:
+        return snapshot(group) == seen
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _exclusive(method):
@@ -78,6 +87,8 @@ class Optimizer:
         check_torch_only(options)
         defaults = {k: v for k, v in options.items() if k not in TORCH_ONLY}
         defaults.update(spec.fixed)
+        torch_keys = torch_group_keys(spec)
+        defaults.update(torch_keys)
         fam = self._family = spec.family
         spec.fields_of(defaults)                    # names the bad argument without a prefix
         self.skip_nonfinite = V.flag("skip_nonfinite", skip_nonfinite)
@@ -89,6 +100,7 @@ class Optimizer:
         for i, (_, extra) in enumerate(groups):
             group = dict(defaults)
             group.update(extra)
+            group.update(torch_keys)
             for key, value in spec.fixed.items():
                 if group[key] != value:
                     raise ValueError(f"param_groups[{i}].{key} must be {value!r} for "
@@ -216,7 +228,7 @@ class Optimizer:
             if closure is not None:
                 loss = closure()
             if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
-                grad_multiplier = V.real("grad_multiplier", grad_multiplier, lo=0.0)
+                grad_multiplier = V.grad_multiplier(grad_multiplier)
             if zero_grad is not False:
                 zero_grad = V.flag("zero_grad", zero_grad)
             if max_grad_norm is not None:
@@ -224,7 +236,11 @@ class Optimizer:
                 norm_type = norm_type_arg(norm_type)
             snapshot, seen, changed = self._snapshot, self._seen, None
             for i, group in enumerate(self.param_groups):
-                if snapshot(group) != seen[i]:
+                try:                                        # _same, inlined: the hot path
+                    same = snapshot(group) == seen[i]
+                except (KeyError, TypeError, ValueError):
+                    same = False
+                if not same:
                     changed = self._changed_groups()       # may raise: nothing has changed yet
                     break
             if max_grad_norm is not None or self.skip_nonfinite:
@@ -288,6 +304,11 @@ class Optimizer:
         `steps`, when given, are the groups' step counts (a checkpoint keeps its own, also for
         groups without state)."""
         arena, lo, hi = self._arena, self._lo, self._hi
+        mine = list(self._state.values())
+        for gs in groups:           # arrays that alias the arenas (opt.state's own views, say)
+            for key, arrays in gs.buffers.items():      # are copied before anything is written
+                gs.buffers[key] = [a.copy() if any(np.may_share_memory(a, m) for m in mine)
+                                   else a for a in arrays]
         for i, gs in enumerate(groups):
             for key, arrays in gs.buffers.items():
                 if key not in self._state:
@@ -357,14 +378,13 @@ class Optimizer:
         changed = None
         spec, seen, snapshot = self._spec, self._seen, self._snapshot
         for i, group in enumerate(self.param_groups):
-            raw = snapshot(group)
-            if raw != seen[i]:
+            if not _same(snapshot, group, seen[i]):
                 fields = spec.fields_of(group, f"param_groups[{i}].")
                 for key, target in spec.keys.items():
                     if isinstance(target, tuple) and type(group[key]) is not tuple:
                         # a list could change in place, unseen by the snapshot: keep a copy
                         group[key] = tuple(group[key])
-                        raw = snapshot(group)
+                raw = snapshot(group)
                 changed = changed or []
                 changed.append((i, raw, fields))
         return changed

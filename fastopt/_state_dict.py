@@ -4,6 +4,7 @@
 state keys, shapes, dtypes, step counts and counters) and returns what to install; on any
 problem it raises a TypeError or ValueError that says what, having changed nothing.
 """
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastopt import _validate as V
+from fastopt._family import check_group_keys, torch_group_keys
 
 
 @dataclass
@@ -63,7 +65,9 @@ def check(spec, arena, groups, sd):
         missing = [key for key in keys if key not in saved]
         if missing:
             raise ValueError(f"{where} is missing {missing}")
+        check_group_keys(saved, keys, where)        # as the constructor: other keys are kept
         new = {key: value for key, value in saved.items() if key != "params"}
+        new.update(torch_group_keys(spec))
         for key, value in spec.fixed.items():
             if new[key] != value:
                 raise ValueError(f"{where}.{key} must be {value!r} for {spec.name}")
@@ -143,11 +147,11 @@ def _step(where, x):
         x = x[()]
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
         raise TypeError(f"{where} must be an int, got {type(x).__name__}")
-    if not float(x).is_integer() or x < 1:
-        raise ValueError(f"{where} must be a whole number >= 1, got {x!r}")
+    if not isinstance(x, numbers.Integral) and not (math.isfinite(x) and float(x).is_integer()):
+        raise ValueError(f"{where} must be a whole number from 1 to 2**63 - 1, got {x!r}")
     x = int(x)
-    if x >= 2 ** 63 - 1:
-        raise ValueError(f"{where} must be < 2**63 - 1, got {x}")
+    if not 1 <= x <= V.MAX_STEPS:
+        raise ValueError(f"{where} must be a whole number from 1 to 2**63 - 1, got {x}")
     return x
 
 

@@ -10,6 +10,13 @@ import numbers
 
 import numpy as np
 
+# The largest float32: every real that reaches a kernel is rounded to float32 there (or used
+# to compute float32 scalars), so a larger one would be an infinity in the arithmetic.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# The largest step count: C keeps it in an int64.  A count may reach it; no step is taken past it.
+MAX_STEPS = 2 ** 63 - 1
+
 try:  # NumPy >= 2
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
 except ImportError:  # pragma: no cover - NumPy 1.x
@@ -22,7 +29,10 @@ def real(name, x, *, lo=None, lo_open=False, hi=None, hi_open=False):
     if t is not float and t is not int:   # the common cases first: the ABC check is slow
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r}")
-    x = float(x)
+    try:
+        x = float(x)
+    except OverflowError:                   # an int past float's range, 10**400 say
+        raise ValueError(f"{name} must be finite, got an int of {x.bit_length()} bits") from None
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x!r}")
     if lo is not None and (x <= lo if lo_open else x < lo):
@@ -49,15 +59,16 @@ def step(x, name="step"):
         x = int(x)
     if x < 1:
         raise ValueError(f"{name} must be >= 1 (the 1-based count of the step being taken), got {x}")
-    if x >= 2 ** 63:
-        raise ValueError(f"{name} must be < 2**63, got {x}")
+    if x > MAX_STEPS:
+        raise ValueError(f"{name} must be <= 2**63 - 1, got {x}")
     return x
 
 
 def pair(x, name):
     """Two values, (a, b) or [a, b] (checked by the caller)."""
-    if isinstance(x, (str, bytes, np.ndarray)):
-        raise TypeError(f"{name} must be a pair, got {x!r}")
+    if not isinstance(x, (tuple, list)):      # a dict or set would unpack its keys, unordered
+        raise TypeError(f"{name} must be a pair (a tuple or list of two), got "
+                        f"{type(x).__name__} {x!r}")
     try:
         a, b = x
     except (TypeError, ValueError):
@@ -65,8 +76,13 @@ def pair(x, name):
     return a, b
 
 
-def grad_options(grad_multiplier, zero_grad):
-    return real("grad_multiplier", grad_multiplier, lo=0.0), flag("zero_grad", zero_grad)
+def grad_multiplier(x):
+    """The factor every gradient is multiplied by, in float32 inside the kernel."""
+    return real("grad_multiplier", x, lo=0.0, hi=FLOAT32_MAX)
+
+
+def grad_options(grad_multiplier_, zero_grad):
+    return grad_multiplier(grad_multiplier_), flag("zero_grad", zero_grad)
 
 
 # ---- arrays ----

@@ -118,7 +118,7 @@ def load(path, optimizer, scheduler=None):
 
     steps = meta.get("steps")
     if not isinstance(steps, list) or len(steps) != len(optimizer.param_groups) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 - 1
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 2 ** 63 - 1
             for s in steps):
         raise ValueError(f"{where}: bad step counts {steps!r}")
     state_keys = meta.get("state_keys")

@@ -23,7 +23,11 @@ def norm_type_arg(norm_type, name="norm_type"):
                                                                               np.floating,
                                                                               np.integer)):
         raise TypeError(f"{name} must be a number or 'inf', got {norm_type!r}")
-    p = float(norm_type)
+    try:
+        p = float(norm_type)
+    except OverflowError:
+        raise ValueError(f"{name} must be a number > 0 within float's range, or inf; got an "
+                         f"int of {norm_type.bit_length()} bits") from None
     if not p > 0.0:                     # also refuses NaN
         raise ValueError(f"{name} must be > 0 (or inf), got {norm_type!r}")
     return p

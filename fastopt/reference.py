@@ -20,6 +20,7 @@ import numpy as np
 from fastopt import clip as _clip
 from fastopt._functional import make as _make
 from fastopt._optimizer import Optimizer, optimizer_class
+from fastopt._validate import MAX_STEPS
 from fastopt.families import FAMILIES, OPTIMIZERS
 
 _local = threading.local()
@@ -392,6 +393,10 @@ class Stepper:
 
     def run(self, steps, grad_multiplier=1.0, zero_grad=False):
         fam = FAMILIES[self._family]
+        for i, taken in enumerate(steps):       # as the C stepper: checked before any change
+            if not 0 <= taken < MAX_STEPS:
+                raise ValueError(f"group {i} has taken {taken} steps: the count must stay "
+                                 "below 2**63 - 1")
         for (start, stop), fields, taken in zip(self._ranges, self._fields, steps):
             used = fam.required(fields)
             state = [self._buffers[b] if b in used else None for b in fam.buffer_names]

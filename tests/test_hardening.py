@@ -10,6 +10,7 @@ import pytest
 
 import fastopt
 import fastopt.reference as R
+from fastopt.families import OPTIMIZERS
 
 MODULES = [fastopt, R]
 
@@ -118,3 +119,154 @@ def test_threads_racing_to_step_never_mix_state(fast_switching):
         opt.step()                            # the state the kernel updates is state_dict's
         assert not np.array_equal(opt.state_dict()["state"][0]["exp_avg"], sd[0]["exp_avg"])
     assert refused > 0, "the threads never overlapped: the test proves nothing"
+
+
+# ---- step counts at the int64 limit ---------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES, ids=["fastopt", "reference"])
+def test_step_count_reaches_the_int64_limit_and_stops_there(module):
+    """A count may reach 2**63 - 1 (C's int64), no step goes past it, and the optimizer's own
+    state_dict at the limit loads.  Before: a loaded 2**63 - 1 overflowed C's counter on the
+    next step (every param NaN) and the state_dict after it was refused by its own loader."""
+    opt = _adamw(module)
+    opt.step()
+    sd = opt.state_dict()
+    for bad in (2 ** 63, 10 ** 400, 1e300):
+        for entry in sd["state"].values():
+            entry["step"] = bad
+        with pytest.raises(ValueError, match="from 1 to 2\\*\\*63 - 1"):
+            opt.load_state_dict(sd)
+    for entry in sd["state"].values():
+        entry["step"] = 2 ** 63 - 2
+    opt.load_state_dict(sd)
+    opt.step()
+    assert opt.step_counts == [2 ** 63 - 1] and np.isfinite(opt.flat_params).all()
+    at_limit = opt.flat_params.copy()
+    with pytest.raises(ValueError, match="below 2\\*\\*63 - 1"):
+        opt.step()
+    assert np.array_equal(opt.flat_params, at_limit) and opt.step_counts == [2 ** 63 - 1]
+    opt.load_state_dict(opt.state_dict())          # its own state dict, at the limit
+    assert opt.step_counts == [2 ** 63 - 1]
+
+
+# ---- loading the optimizer's own live views -------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES, ids=["fastopt", "reference"])
+def test_loading_its_own_live_state_views_keeps_the_values(module):
+    """opt.state holds views of the arenas; loading them (even crosswise: param 0's state
+    into param 1 and back) must read every value before any is overwritten, as torch does."""
+    rng = np.random.default_rng(1)
+    opt = module.Adam([np.ones(5, np.float32), np.ones(5, np.float32)], lr=0.1)
+    for _ in range(3):
+        for g in opt.grads:
+            g[...] = rng.standard_normal(5).astype(np.float32)
+        opt.step()
+    want = opt.state_dict()
+    opt.load_state_dict({"state": opt.state, "param_groups": want["param_groups"]})
+    swapped = {0: opt.state[1], 1: opt.state[0]}
+    opt.load_state_dict({"state": swapped, "param_groups": want["param_groups"]})
+    got = opt.state_dict()["state"]
+    for k, other in ((0, 1), (1, 0)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert np.array_equal(got[k][key], want["state"][other][key]), (k, key)
+
+
+# ---- numbers past float32 or float, keys deleted or mistyped --------------------------------
+
+def _float_keys(spec):
+    """The class's group keys that set float kernel fields (a pair counts once)."""
+    fam = spec.family
+    f8 = {f.name for f in fam.user_fields if f.ctype == "f8"}
+    for key in spec.group_keys():
+        target = spec.keys.get(key, key)
+        targets = target if isinstance(target, tuple) else (target,)
+        if any(t in f8 for t in targets):
+            yield key, isinstance(target, tuple)
+
+
+FLOAT_KEYS = [(name, key, pair) for name, spec in OPTIMIZERS.items()
+              for key, pair in _float_keys(spec)]
+
+
+@pytest.mark.parametrize("name,key,pair", FLOAT_KEYS, ids=[f"{n}.{k}" for n, k, _ in FLOAT_KEYS])
+@pytest.mark.parametrize("value,match", [(10 ** 400, "must be finite"),
+                                         (1e39, "must be (within float32's range|<)")],
+                         ids=["int past float", "past float32"])
+def test_every_float_hyperparameter_refuses_what_float32_cannot_hold(name, key, pair, value,
+                                                                     match):
+    """Before: 10**400 raised OverflowError, and 1e39 became an infinity in the kernels'
+    float32 scalars (every param NaN)."""
+    spec = OPTIMIZERS[name]
+    x = (value, spec.defaults[key][1]) if pair else value
+    with pytest.raises(ValueError, match=f"^{key}(\\[0\\])? {match}"):
+        getattr(fastopt, name)([np.ones(3, np.float32)], **{key: x})
+
+
+@pytest.mark.parametrize("module", MODULES, ids=["fastopt", "reference"])
+def test_a_deleted_group_key_is_named_and_changes_nothing(module):
+    opt = _adamw(module)
+    opt.step()
+    before = opt.flat_params.copy()
+    lr = opt.param_groups[0].pop("lr")
+    with pytest.raises(ValueError, match="param_groups\\[0\\] has no 'lr'"):
+        opt.step()
+    assert np.array_equal(opt.flat_params, before) and opt.step_counts == [1]
+    opt.param_groups[0]["lr"] = lr
+    opt.step()
+    assert opt.step_counts == [2]
+
+
+def test_thread_counts_that_cannot_be_honoured(tmp_path):
+    """An OMP_NUM_THREADS past int's range made `import fastopt` fail; now it is a warning
+    and one thread.  set_num_threads refuses such a count with a ValueError."""
+    import subprocess
+    code = ("import warnings, fastopt\n"
+            "print(fastopt.get_num_threads())\n")
+    for raw in ("3000000000", "-2", "many"):
+        env = dict(__import__("os").environ, OMP_NUM_THREADS=raw)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "1"
+        assert f"OMP_NUM_THREADS={raw!r} is not a thread count" in out.stderr
+    with pytest.raises(ValueError, match="n must be from 1 to 65536"):
+        fastopt.set_num_threads(3_000_000_000)
+
+
+# ---- param group keys torch allows ---------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES, ids=["fastopt", "reference"])
+def test_extra_group_keys_are_kept_and_torch_keys_are_stated(module):
+    """{'params': ..., 'name': 'encoder'} is common in real code: kept in the group and in
+    state_dict, and loaded back (before: refused).  torch's own options are in every group,
+    saying what fastopt does (fused, no foreach)."""
+    opt = module.AdamW([{"params": [np.ones(4, np.float32)], "name": "encoder"},
+                        {"params": [np.ones(2, np.float32)], "lr": 0.1, "tags": ["head"]}],
+                       foreach=True)
+    assert opt.param_groups[0]["name"] == "encoder" and opt.param_groups[1]["tags"] == ["head"]
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        assert (g["fused"], g["foreach"], g["capturable"], g["differentiable"]) == \
+            (True, None, False, False)
+    assert sd["param_groups"][0]["name"] == "encoder"
+    sd["param_groups"][0]["name"] = "decoder"
+    sd["param_groups"][1]["fused"] = None             # as torch's loop would save it
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["name"] == "decoder" and opt.param_groups[1]["fused"] is True
+    with pytest.raises(ValueError, match="the key 'lrr', one edit away from 'lr'"):
+        module.AdamW([{"params": [np.ones(4, np.float32)], "lrr": 0.1}])
+
+
+def test_torch_loading_fastopts_state_dict_stays_fused():
+    torch = pytest.importorskip("torch")
+    opt = fastopt.AdamW([{"params": [np.ones(16, np.float32)], "name": "w"}], lr=0.01)
+    opt.grads[0][...] = 1.0
+    opt.step()
+    sd = opt.state_dict()
+    t = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(16))], "name": "w"}],
+                          lr=0.01, fused=True)
+    t.load_state_dict({"state": {k: {key: torch.as_tensor(v) for key, v in e.items()}
+                                 for k, e in sd["state"].items()},
+                       "param_groups": sd["param_groups"]})
+    g = t.param_groups[0]
+    assert g["fused"] is True and not g["foreach"] and g["name"] == "w"

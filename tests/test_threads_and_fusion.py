@@ -69,7 +69,7 @@ def test_threads_split_across_group_boundaries(threads):
 def test_thread_count_api():
     n = fastopt.get_num_threads()
     assert n >= 1
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n must be from 1 to 65536"):
         fastopt.set_num_threads(0)
     with pytest.raises(TypeError, match="n must be an int"):
         fastopt.set_num_threads("2")
@@ -173,6 +173,10 @@ def test_step_grad_multiplier_matches_scaled_gradients():
     (dict(grad_multiplier=float("nan")), ValueError, "grad_multiplier must be finite"),
     (dict(grad_multiplier="2"), TypeError, "grad_multiplier must be a real number"),
     (dict(zero_grad=1), TypeError, "zero_grad must be a bool"),
+    (dict(grad_multiplier=1e39), ValueError, "grad_multiplier must be <= 3.40282"),
+    (dict(grad_multiplier=10 ** 400), ValueError, "grad_multiplier must be finite"),
+    (dict(max_grad_norm=10 ** 400), ValueError, "max_grad_norm must be finite"),
+    (dict(max_grad_norm=1.0, norm_type=10 ** 400), ValueError, "norm_type must be a number"),
 ])
 def test_bad_step_options_change_nothing(kw, exc, match):
     opt = fastopt.Adam([np.ones(5, np.float32)])
