@@ -78,15 +78,25 @@ def _per_group(name, x, n, check):
     return [check(name, x)] * n
 
 
-def _milestones(name, x, lo):
-    """Strictly increasing ints >= lo, as a list."""
+def _milestones(name, x, lo, repeats=False):
+    """Strictly increasing ints >= lo, as a list; with `repeats`, non-decreasing."""
     if isinstance(x, (str, bytes, Mapping)) or not hasattr(x, "__iter__"):
         raise TypeError(f"{name} must be a list of ints, got {type(x).__name__} {x!r}")
     out = [_int(f"{name}[{i}]", m, lo) for i, m in enumerate(x)]
     for i in range(1, len(out)):
-        if out[i] <= out[i - 1]:
-            raise ValueError(f"{name} must be strictly increasing, got {out}")
+        if out[i] < out[i - 1] or (out[i] == out[i - 1] and not repeats):
+            rule = "non-decreasing" if repeats else "strictly increasing"
+            raise ValueError(f"{name} must be {rule}, got {out}")
     return out
+
+
+def _milestone_counts(name, x, lo):
+    """torch's MultiStepLR.milestones, a Counter {milestone: repeats}, as a sorted list."""
+    out = []
+    for m, n in x.items():
+        m = _int(f"{name} key {m!r}", m, lo)
+        out += [m] * _int(f"{name}[{m}]", n, 1)
+    return sorted(out)
 
 
 def _param_groups(optimizer):
@@ -135,15 +145,30 @@ def _plain(name, x):
                     f"str keys, got {type(x).__name__}")
 
 
-def _keys(where, sd, expected):
+def _keys(where, sd, expected, optional=()):
     if not isinstance(sd, Mapping):
         raise TypeError(f"{where} must be a dict, got {type(sd).__name__}")
     missing = sorted(set(expected) - set(sd))
     if missing:
         raise ValueError(f"{where} is missing {missing}")
-    unknown = sorted(set(sd) - set(expected), key=repr)
+    unknown = sorted(set(sd) - set(expected) - set(optional), key=repr)
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}")
+
+
+# Keys of torch's state dicts that hold its call bookkeeping, not the schedule: checked, and
+# otherwise ignored, so that a torch scheduler's state_dict() loads.
+_TORCH_KEYS = {"_step_count": lambda k, v: _int(k, v, 0), "_is_initial": _flag,
+               "_get_lr_called_within_step": _flag}
+
+
+def _without_torch_keys(where, sd):
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{where} must be a dict, got {type(sd).__name__}")
+    for k, check in _TORCH_KEYS.items():
+        if k in sd:
+            check(f"{where}[{k!r}]", sd[k])
+    return {k: v for k, v in sd.items() if k not in _TORCH_KEYS}
 
 
 def _float_list(name, x, n, lo=None):
@@ -307,7 +332,12 @@ def _step_args(a, name):
 
 
 def _multi_step_args(a, name):
-    return dict(milestones=_milestones(name("milestones"), a["milestones"], 0),
+    # a repeated milestone applies gamma once per repeat, as torch's Counter does; a Counter
+    # (torch's state_dict holds one) is taken as the list it counts
+    m = a["milestones"]
+    m = (_milestone_counts(name("milestones"), m, 0) if isinstance(m, Mapping) else
+         _milestones(name("milestones"), m, 0, repeats=True))
+    return dict(milestones=m,
                 gamma=_real(name("gamma"), a["gamma"], lo=0.0, lo_open=True))
 
 
@@ -524,7 +554,10 @@ class LRScheduler:
         return sd
 
     def load_state_dict(self, state_dict):
-        """Restore `state_dict()`'s output (hyperparameters included, as torch).
+        """Restore `state_dict()`'s output (hyperparameters included, as torch), or the
+        state_dict() of torch's scheduler of the same class (its call bookkeeping,
+        ``_step_count``, ``_is_initial`` and ``_get_lr_called_within_step``, is checked and
+        ignored).
 
         Every key and value is checked first; on a problem a TypeError/ValueError names it and
         nothing has changed.  As in torch, the optimizer's lrs are not written (load the
@@ -533,9 +566,11 @@ class LRScheduler:
         self._load_plan(state_dict, "state_dict")()
 
     def _load_plan(self, sd, where):
+        sd = _without_torch_keys(where, sd)
         _keys(where, sd, ("last_epoch", "base_lrs", "_last_lr") + tuple(self._config))
         n = len(self.optimizer.param_groups)
-        last_epoch = _int(f"{where}['last_epoch']", sd["last_epoch"], 0)
+        # -1: not started (torch's SequentialLR saves its later schedulers so)
+        last_epoch = _int(f"{where}['last_epoch']", sd["last_epoch"], -1)
         base_lrs = _float_list(f"{where}['base_lrs']", sd["base_lrs"], n, lo=0.0)
         last_lr = _float_list(f"{where}['_last_lr']", sd["_last_lr"], n)
         config = self._check_config({k: sd[k] for k in self._config},
@@ -639,8 +674,9 @@ class StepLR(LRScheduler):
 class MultiStepLR(LRScheduler):
     """lr = base_lr * gamma ** (number of milestones <= step)  (`multi_step_lr`).
 
-    milestones must be strictly increasing (torch's documented rule; torch also accepts
-    repeats, applying gamma once per repeat).
+    milestones must be non-decreasing; a milestone given n times decays by gamma ** n there, as
+    torch's (which keeps them in a Counter, and also takes them unsorted).  A Counter is taken
+    as the list it counts.
     """
 
     _config = ("milestones", "gamma")
@@ -954,6 +990,7 @@ class SequentialLR(LRScheduler):
                 "_schedulers": [s.state_dict() for s in self._schedulers]}
 
     def _load_plan(self, sd, where):
+        sd = _without_torch_keys(where, sd)
         _keys(where, sd, ("last_epoch", "_milestones", "_last_lr", "_schedulers"))
         n = len(self.optimizer.param_groups)
         last_epoch = _int(f"{where}['last_epoch']", sd["last_epoch"], 0)

@@ -9,7 +9,7 @@ import functools
 import json
 import math
 import warnings
-from collections import namedtuple
+from collections import Counter, namedtuple
 
 import numpy as np
 import pytest
@@ -49,6 +49,11 @@ def record(opt):
 
 def run(module, opt, make, steps=STEPS):
     """Values at construction and after each of `steps` (opt.step(), sched.step()) pairs."""
+    return run_and_keep(module, opt, make, steps)[0]
+
+
+def run_and_keep(module, opt, make, steps=STEPS):
+    """run's values, and the scheduler."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # torch's order/deprecation hints
         sched = make(module, opt)
@@ -57,7 +62,7 @@ def run(module, opt, make, steps=STEPS):
             opt.step()
             sched.step()
             out.append(record(opt))
-    return np.array(out)                    # (steps + 1, groups, 2)
+    return np.array(out), sched             # (steps + 1, groups, 2)
 
 
 def assert_rel(actual, expected, rtol, what):
@@ -88,6 +93,9 @@ SCHEDULES = [
          lambda t, i: S.step_lr(t, _b(i), 7, 0.7), True),
     Case("MultiStepLR", "adam", lambda m, o: m.MultiStepLR(o, [10, 200, 500, 900], 0.5),
          lambda t, i: S.multi_step_lr(t, _b(i), [10, 200, 500, 900], 0.5), True),
+    Case("MultiStepLR repeated milestones", "sgd",
+         lambda m, o: m.MultiStepLR(o, [3, 3, 40, 40, 40, 700], 0.5),
+         lambda t, i: S.multi_step_lr(t, _b(i), [3, 3, 40, 40, 40, 700], 0.5), True),
     Case("ExponentialLR", "sgd", lambda m, o: m.ExponentialLR(o, 0.99),
          lambda t, i: S.exponential_lr(t, _b(i), 0.99), True),
     Case("LinearLR warmup", "adam", lambda m, o: m.LinearLR(o, 0.1, 1.0, 700),
@@ -198,6 +206,7 @@ CLOSED_FORMS = [
     ("multi_step_lr at a milestone", lambda: S.multi_step_lr(5, 1.0, [5, 8], 0.5), 0.5),
     ("multi_step_lr", lambda: S.multi_step_lr(9, 1.0, [5, 8], 0.5), 0.25),
     ("multi_step_lr before", lambda: S.multi_step_lr(4, 1.0, [5, 8], 0.5), 1.0),
+    ("multi_step_lr repeated milestone", lambda: S.multi_step_lr(2, 1.0, [2, 2, 5], 0.5), 0.25),
     ("exponential_lr", lambda: S.exponential_lr(3, 2.0, 0.5), 0.25),
     ("linear_lr start", lambda: S.linear_lr(0, 1.0, 0.25, 1.0, 4), 0.25),
     ("linear_lr middle", lambda: S.linear_lr(2, 1.0, 0.25, 1.0, 4), 0.625),
@@ -407,9 +416,11 @@ CONSTRUCTOR_ERRORS = [
     ("StepLR gamma str", lambda o: P(S.StepLR, o, 3, "0.1"), TypeError,
      "gamma must be a real number"),
     ("MultiStepLR decreasing", lambda o: P(S.MultiStepLR, o, [5, 3]), ValueError,
-     r"milestones must be strictly increasing, got \[5, 3\]"),
-    ("MultiStepLR repeated", lambda o: P(S.MultiStepLR, o, [5, 5]), ValueError,
-     "strictly increasing"),
+     r"milestones must be non-decreasing, got \[5, 3\]"),
+    ("MultiStepLR Counter with a zero count", lambda o: P(S.MultiStepLR, o, Counter({5: 0})),
+     ValueError, r"milestones\[5\] must be >= 1"),
+    ("MultiStepLR Counter with a str key", lambda o: P(S.MultiStepLR, o, {"5": 1}),
+     TypeError, r"milestones key '5' must be an int"),
     ("MultiStepLR negative", lambda o: P(S.MultiStepLR, o, [-1, 3]), ValueError,
      r"milestones\[0\] must be >= 0"),
     ("MultiStepLR float", lambda o: P(S.MultiStepLR, o, [1.5]), TypeError,
@@ -549,7 +560,7 @@ FUNCTION_ERRORS = [
      "warmup_steps must be >= 1"),
     ("warmup > total", lambda: S.warmup_cosine_lr(0, 0.1, 5, 4), ValueError,
      "warmup_steps must be <= total_steps"),
-    ("milestones", lambda: S.multi_step_lr(0, 0.1, [3, 2]), ValueError, "strictly increasing"),
+    ("milestones", lambda: S.multi_step_lr(0, 0.1, [3, 2]), ValueError, "non-decreasing"),
     ("lambda negative", lambda: S.lambda_lr(2, 0.1, lambda e: -e), ValueError,
      r"lr_lambda\(2\) must be >= 0"),
 ]
@@ -598,6 +609,17 @@ LOAD_ERRORS = [
      r"state_dict\['_last_lr'\] must be a list"),
     ("bad hyperparameter", _step_sched, _edit(lambda sd: sd.update(gamma=-1.0)), ValueError,
      r"state_dict\['gamma'\] must be > 0"),
+    ("torch's key, bad value", _step_sched, _edit(lambda sd: sd.update(_is_initial="no")),
+     TypeError, r"state_dict\['_is_initial'\] must be a bool"),
+    ("torch's keys and an unknown one", _step_sched,
+     _edit(lambda sd: sd.update(_step_count=3, _is_initial=False, _last_lrs=[0.1, 0.1])),
+     ValueError, r"state_dict has unknown keys \['_last_lrs'\]"),
+    ("MultiStepLR Counter with a negative milestone", lambda o: S.MultiStepLR(o, [2]),
+     _edit(lambda sd: sd.update(milestones=Counter({-2: 1}))), ValueError,
+     r"state_dict\['milestones'\] key -2 must be >= 0"),
+    ("SequentialLR inner last_epoch -2", _seq_sched,
+     _edit(lambda sd: sd["_schedulers"][1].update(last_epoch=-2)), ValueError,
+     r"state_dict\['_schedulers'\]\[1\]\['last_epoch'\] must be >= -1"),
     ("SequentialLR milestones", _seq_sched, _edit(lambda sd: sd.update(_milestones=[4, 6])),
      ValueError, r"state_dict\['_milestones'\] has 2 entries"),
     ("SequentialLR inner", _seq_sched,
@@ -634,6 +656,55 @@ def test_bad_state_dict_changes_nothing(make, edit, exc, match):
         sched.load_state_dict(bad)
     assert sched.state_dict() == before
     assert _groups(opt) == groups
+
+
+# ---- torch's state dicts ------------------------------------------------------------------------
+
+TORCH_STATE = [c for c in SCHEDULES if c.torch_make is None and not c.id.startswith("OneCycleLR")]
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+@pytest.mark.parametrize("case", TORCH_STATE, ids=[c.id for c in TORCH_STATE])
+def test_loads_torch_state_dict_and_continues_as_torch(case):
+    """torch's state_dict() (with its _step_count, _is_initial, ..., a Counter of milestones
+    and, in SequentialLR, a later scheduler at last_epoch -1) loads, and the sequence goes on
+    as torch's."""
+    k = 337
+    t_opt = torch_optimizer(case.family)
+    theirs, t_sched = run_and_keep(torch.optim.lr_scheduler, t_opt, case.make, steps=k)
+    opt = fastopt_optimizer(case.family)
+    sched = case.make(S, opt)
+    sched.load_state_dict(t_sched.state_dict())
+    for g, tg in zip(opt.param_groups, t_opt.param_groups):      # the optimizer's state
+        g["lr"] = tg["lr"]
+    assert sched.last_epoch == k and sched.get_last_lr() == theirs[-1, :, 0].tolist()
+    ours = run(S, opt, lambda m, o: sched, steps=STEPS - k)
+    rest = run(torch.optim.lr_scheduler, t_opt, lambda m, o: t_sched, steps=STEPS - k)
+    assert_rel(ours, rest, RTOL, case.id)
+
+
+TORCH_LOADS = [c for c in TORCH_STATE if not c.id.startswith(("MultiStepLR", "SequentialLR"))]
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+@pytest.mark.parametrize("case", TORCH_LOADS, ids=[c.id for c in TORCH_LOADS])
+def test_torch_loads_our_state_dict_and_continues_as_ours(case):
+    """The other way: torch's load_state_dict takes ours (MultiStepLR's milestones are a list
+    here, a Counter there, so torch cannot take that one; SequentialLR's inner schedulers'
+    last_epoch differ by torch's "undo")."""
+    k = 337
+    opt = fastopt_optimizer(case.family)
+    _, sched = run_and_keep(S, opt, case.make, steps=k)
+    t_opt = torch_optimizer(case.family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_sched = case.make(torch.optim.lr_scheduler, t_opt)
+    t_sched.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    for g, tg in zip(opt.param_groups, t_opt.param_groups):
+        tg["lr"] = g["lr"]
+    theirs = run(torch.optim.lr_scheduler, t_opt, lambda m, o: t_sched, steps=STEPS - k)
+    ours = run(S, opt, lambda m, o: sched, steps=STEPS - k)
+    assert_rel(theirs, ours, RTOL, case.id)
 
 
 # ---- coverage of the tables ---------------------------------------------------------------------
