@@ -946,6 +946,10 @@ class OneCycleLR(LRScheduler):
     read back from the groups; arguments torch accepts but then divides by zero on
     (pct_start * total_steps == 1; pct_start = 1 with two phases) are refused, and so are
     total_steps and epochs * steps_per_epoch given together and different.
+
+    torch's state dict holds the phases, not max_lr, the factors or the momenta (those are in
+    its optimizer's groups): one loads into a OneCycleLR built with the same arguments, and the
+    phases, total_steps, anneal_strategy and cycle_momentum must agree with its own.
     """
 
     _config = ("total_steps", "pct_start", "anneal_strategy", "div_factor", "final_div_factor",
@@ -1039,6 +1043,40 @@ class OneCycleLR(LRScheduler):
 
     def get_lr(self):
         return self._values()[0]
+
+    _TORCH_ONLY = ("_schedule_phases", "_anneal_func_type", "use_beta1")
+
+    def _load_plan(self, sd, where):
+        if isinstance(sd, Mapping) and "_schedule_phases" in sd:
+            sd = self._from_torch(sd, where)
+        return super()._load_plan(sd, where)
+
+    def _from_torch(self, sd, where):
+        """torch's OneCycleLR state dict as ours, if it describes this scheduler's cycle."""
+        _keys(where, sd, ("last_epoch", "base_lrs", "_last_lr", "total_steps",
+                          "cycle_momentum") + self._TORCH_ONLY, optional=_TORCH_KEYS)
+        phases = sd["_schedule_phases"]
+        if (not isinstance(phases, (list, tuple))
+                or not all(isinstance(p, Mapping) and "end_step" in p for p in phases)):
+            raise TypeError(f"{where}['_schedule_phases'] must be a list of dicts with "
+                            f"'end_step', got {phases!r}")
+        ends = list(_one_cycle_ends(self.total_steps, self.pct_start, self.three_phase))
+        theirs = {"total_steps": sd["total_steps"], "_anneal_func_type": sd["_anneal_func_type"],
+                  "cycle_momentum": sd["cycle_momentum"],
+                  "_schedule_phases' end steps": [p["end_step"] for p in phases]}
+        ours = {"total_steps": self.total_steps, "_anneal_func_type": self.anneal_strategy,
+                "cycle_momentum": self.cycle_momentum, "_schedule_phases' end steps": ends}
+        if self.cycle_momentum:
+            theirs["use_beta1"] = sd["use_beta1"]
+            ours["use_beta1"] = self._momentum_key == "betas"
+        for k, v in ours.items():
+            if theirs[k] != v or isinstance(theirs[k], bool) != isinstance(v, bool):
+                raise ValueError(f"{where}['{k}'] is {theirs[k]!r}, this OneCycleLR's is {v!r} "
+                                 "(torch's state dict loads into a OneCycleLR built with the "
+                                 "same arguments)")
+        out = {k: v for k, v in sd.items() if k not in self._TORCH_ONLY}
+        out.update({k: _plain(k, getattr(self, k)) for k in self._config})
+        return out
 
 
 class WarmupCosineLR(LRScheduler):

@@ -876,7 +876,7 @@ def test_bad_state_dict_changes_nothing(make, edit, exc, match):
 
 # ---- torch's state dicts ------------------------------------------------------------------------
 
-TORCH_STATE = [c for c in SCHEDULES if c.torch_make is None and not c.id.startswith("OneCycleLR")]
+TORCH_STATE = [c for c in SCHEDULES if c.torch_make is None]
 
 
 @pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
@@ -892,7 +892,9 @@ def test_loads_torch_state_dict_and_continues_as_torch(case):
     sched = case.make(S, opt)
     sched.load_state_dict(t_sched.state_dict())
     for g, tg in zip(opt.param_groups, t_opt.param_groups):      # the optimizer's state
-        g["lr"] = tg["lr"]
+        g.update({k: tg[k] for k in ("lr", "momentum") if k in g})
+        if "betas" in g:
+            g["betas"] = tuple(tg["betas"])
     assert getattr(sched, "last_epoch", k) == k             # ChainedScheduler has none
     assert sched.get_last_lr() == theirs[-1, :, 0].tolist()
     ours = run(S, opt, lambda m, o: sched, steps=STEPS - k)
@@ -900,7 +902,8 @@ def test_loads_torch_state_dict_and_continues_as_torch(case):
     assert_rel(ours, rest, RTOL, case.id)
 
 
-TORCH_LOADS = [c for c in TORCH_STATE if not c.id.startswith(("MultiStepLR", "SequentialLR"))
+TORCH_LOADS = [c for c in TORCH_STATE
+               if not c.id.startswith(("MultiStepLR", "SequentialLR", "OneCycleLR"))
                and c.id != "ChainedScheduler"]      # it holds a MultiStepLR
 
 
@@ -923,6 +926,24 @@ def test_torch_loads_our_state_dict_and_continues_as_ours(case):
     theirs = run(torch.optim.lr_scheduler, t_opt, lambda m, o: t_sched, steps=STEPS - k)
     ours = run(S, opt, lambda m, o: sched, steps=STEPS - k)
     assert_rel(theirs, ours, RTOL, case.id)
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+def test_torch_one_cycle_state_of_another_cycle_is_refused():
+    t_opt = torch_optimizer("sgd")
+    t_sd = torch.optim.lr_scheduler.OneCycleLR(t_opt, 1.0, total_steps=50).state_dict()
+    opt = fastopt_optimizer("sgd")
+    sched = S.OneCycleLR(opt, 1.0, total_steps=100)
+    before = sched.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['total_steps'\] is 50, this "
+                                         "OneCycleLR's is 100"):
+        sched.load_state_dict(t_sd)
+    t_sd = torch.optim.lr_scheduler.OneCycleLR(t_opt, 1.0, total_steps=100,
+                                               pct_start=0.4).state_dict()
+    with pytest.raises(ValueError, match=r"end steps'\] is \[39.0, 99\], this OneCycleLR's "
+                                         r"is \[29.0, 99\]"):
+        sched.load_state_dict(t_sd)
+    assert sched.state_dict() == before
 
 
 # ---- coverage of the tables ---------------------------------------------------------------------
