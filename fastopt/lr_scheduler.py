@@ -41,7 +41,8 @@ Departures from torch, common to every class:
 * ``state_dict()`` holds only JSON-plain values (for checkpoints without pickle); its keys are
   the constructor's argument names plus ``last_epoch``, ``base_lrs``, ``_last_lr`` and
   ``_chained``.  ``load_state_dict`` checks everything before it changes anything, and takes
-  torch's state dicts of the same class too (not OneCycleLR's, whose keys differ).
+  torch's state dict of the same class too (OneCycleLR's into one built with the same
+  arguments: torch keeps them in the optimizer's groups).
 * ``last_epoch=k >= 0`` (resuming; needs ``initial_lr`` in every group, as torch) sets the lr
   to the schedule's value at step k+1 in every class; torch does so in some classes and in
   others (ExponentialLR, LinearLR, CosineAnnealingLR) leaves the lr as it is.

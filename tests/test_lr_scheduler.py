@@ -352,6 +352,9 @@ CANNOT_COMPOSE = [
      r"WarmupCosineLR: optimizer.param_groups\[1\]\['lr'\] is 0\.25"),
     ("ConstantLR factor 0 + ExponentialLR", _constant_factor_0_and_exponential, 4, 1,
      "ConstantLR with factor=0 cannot end its factor at step total_iters=4"),
+    ("ChainedScheduler whose last member fails", lambda o: [
+        S.ChainedScheduler(_constant_factor_0_and_exponential(o))], 4, 0,
+     "ConstantLR with factor=0 cannot end its factor at step total_iters=4"),
 ]
 
 
