@@ -19,17 +19,30 @@ Every schedule is also a pure function ``f(step, base_lr, ...) -> lr`` (`step_lr
 call, so a class's sequence is exactly its function's.  The exception is CosineAnnealingLR,
 which reproduces torch's recursive update (see its docstring).
 
+Several schedulers on one optimizer compose as torch's do: their effects multiply, e.g.
+
+    sched = ChainedScheduler([ExponentialLR(opt, 0.99), MultiStepLR(opt, [100, 250], 0.1)])
+
+or the two stepped one after the other.  A scheduler alone computes the lr from the base lr
+and the step count (torch's closed forms, which agree with its chainable forms to 1.5e-14 on
+1000-step runs); the chainable ones (StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR,
+CosineAnnealingLR) switch to torch's chainable forms, which scale the group's current lr, when
+another scheduler of the optimizer (or a hand edit of ``group["lr"]``) changes it.  LambdaLR,
+OneCycleLR and WarmupCosineLR compute the lr from the base lr alone, as torch's, which then
+overwrite the other's change without a word: here that step raises a ValueError instead.  See
+LRScheduler.
+
 Departures from torch, common to every class:
 
-* The lr is computed from the base lr and the step count (torch's closed forms, which agree
-  with its chainable forms to 1.5e-14 on 1000-step runs), so a value written into
-  ``group["lr"]`` by hand is overwritten at the next step, where torch's chainable schedulers
-  would scale it.
+* Where torch's would silently overwrite another scheduler's (or a hand edit's) change of the
+  lr, a ValueError says so (above).
 * Bad arguments raise TypeError/ValueError naming the argument, before the optimizer is
   touched; torch checks few of them and fails later (or divides by zero) on some.
 * ``state_dict()`` holds only JSON-plain values (for checkpoints without pickle); its keys are
-  the constructor's argument names plus ``last_epoch``, ``base_lrs`` and ``_last_lr``.
-  ``load_state_dict`` checks everything before it changes anything.
+  the constructor's argument names plus ``last_epoch``, ``base_lrs``, ``_last_lr`` and
+  ``_chained``.  ``load_state_dict`` checks everything before it changes anything, and takes
+  torch's state dict of the same class too (OneCycleLR's into one built with the same
+  arguments: torch keeps them in the optimizer's groups).
 * ``last_epoch=k >= 0`` (resuming; needs ``initial_lr`` in every group, as torch) sets the lr
   to the schedule's value at step k+1 in every class; torch does so in some classes and in
   others (ExponentialLR, LinearLR, CosineAnnealingLR) leaves the lr as it is.
@@ -40,14 +53,15 @@ import bisect
 import math
 import numbers
 import types
+import weakref
 from collections.abc import Mapping
 
 from fastopt import _validate as V
 
 __all__ = [
     "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
-    "ConstantLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR", "WarmupCosineLR",
-    "warmup_cosine",
+    "ConstantLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR", "ChainedScheduler",
+    "WarmupCosineLR", "warmup_cosine",
     "lambda_lr", "step_lr", "multi_step_lr", "exponential_lr", "linear_lr", "constant_lr",
     "cosine_annealing_lr", "one_cycle_lr", "one_cycle_momentum", "linear_warmup_lr",
     "warmup_cosine_lr",
@@ -78,15 +92,25 @@ def _per_group(name, x, n, check):
     return [check(name, x)] * n
 
 
-def _milestones(name, x, lo):
-    """Strictly increasing ints >= lo, as a list."""
+def _milestones(name, x, lo, repeats=False):
+    """Strictly increasing ints >= lo, as a list; with `repeats`, non-decreasing."""
     if isinstance(x, (str, bytes, Mapping)) or not hasattr(x, "__iter__"):
         raise TypeError(f"{name} must be a list of ints, got {type(x).__name__} {x!r}")
     out = [_int(f"{name}[{i}]", m, lo) for i, m in enumerate(x)]
     for i in range(1, len(out)):
-        if out[i] <= out[i - 1]:
-            raise ValueError(f"{name} must be strictly increasing, got {out}")
+        if out[i] < out[i - 1] or (out[i] == out[i - 1] and not repeats):
+            rule = "non-decreasing" if repeats else "strictly increasing"
+            raise ValueError(f"{name} must be {rule}, got {out}")
     return out
+
+
+def _milestone_counts(name, x, lo):
+    """torch's MultiStepLR.milestones, a Counter {milestone: repeats}, as a sorted list."""
+    out = []
+    for m, n in x.items():
+        m = _int(f"{name} key {m!r}", m, lo)
+        out += [m] * _int(f"{name}[{m}]", n, 1)
+    return sorted(out)
 
 
 def _param_groups(optimizer):
@@ -135,15 +159,30 @@ def _plain(name, x):
                     f"str keys, got {type(x).__name__}")
 
 
-def _keys(where, sd, expected):
+def _keys(where, sd, expected, optional=()):
     if not isinstance(sd, Mapping):
         raise TypeError(f"{where} must be a dict, got {type(sd).__name__}")
     missing = sorted(set(expected) - set(sd))
     if missing:
         raise ValueError(f"{where} is missing {missing}")
-    unknown = sorted(set(sd) - set(expected), key=repr)
+    unknown = sorted(set(sd) - set(expected) - set(optional), key=repr)
     if unknown:
         raise ValueError(f"{where} has unknown keys {unknown}")
+
+
+# Keys of torch's state dicts that hold its call bookkeeping, not the schedule: checked, and
+# otherwise ignored, so that a torch scheduler's state_dict() loads.
+_TORCH_KEYS = {"_step_count": lambda k, v: _int(k, v, 0), "_is_initial": _flag,
+               "_get_lr_called_within_step": _flag}
+
+
+def _without_torch_keys(where, sd):
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"{where} must be a dict, got {type(sd).__name__}")
+    for k, check in _TORCH_KEYS.items():
+        if k in sd:
+            check(f"{where}[{k!r}]", sd[k])
+    return {k: v for k, v in sd.items() if k not in _TORCH_KEYS}
 
 
 def _float_list(name, x, n, lo=None):
@@ -307,7 +346,12 @@ def _step_args(a, name):
 
 
 def _multi_step_args(a, name):
-    return dict(milestones=_milestones(name("milestones"), a["milestones"], 0),
+    # a repeated milestone applies gamma once per repeat, as torch's Counter does; a Counter
+    # (torch's state_dict holds one) is taken as the list it counts
+    m = a["milestones"]
+    m = (_milestone_counts(name("milestones"), m, 0) if isinstance(m, Mapping) else
+         _milestones(name("milestones"), m, 0, repeats=True))
+    return dict(milestones=m,
                 gamma=_real(name("gamma"), a["gamma"], lo=0.0, lo_open=True))
 
 
@@ -419,6 +463,31 @@ def _one_cycle_at(step, ends, points, strategy):
 
 # ---- the scheduler classes ---------------------------------------------------------------------
 
+# The scheduler that last wrote each optimizer's lrs.  A chainable scheduler built while another
+# one is alive on the same optimizer starts from the lr that one wrote, as torch's does.
+_last_writer = weakref.WeakKeyDictionary()
+
+
+def _note_writer(optimizer, scheduler):
+    try:
+        _last_writer[optimizer] = weakref.ref(scheduler)
+    except TypeError:           # an optimizer without weak references or a hash: no record
+        pass
+
+
+def _other_writer(optimizer, scheduler):
+    try:
+        ref = _last_writer.get(optimizer)
+    except TypeError:
+        return None
+    writer = None if ref is None else ref()
+    return None if writer is scheduler else writer
+
+
+_CHAINABLE = ("StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR, CosineAnnealingLR, "
+              "and SequentialLR or ChainedScheduler of those")
+
+
 class LRScheduler:
     """Base class: owns `optimizer`, `base_lrs`, `last_epoch`; writes each group's lr.
 
@@ -427,9 +496,22 @@ class LRScheduler:
     ``get_lr`` is called by `step`, read the lr with `get_last_lr`).  Hyperparameters named in
     ``_config`` are saved by `state_dict`.  `step()` computes every group's value before it
     writes any, and on an error leaves the optimizer and the scheduler as they were.
+
+    Several schedulers on one optimizer.  While a scheduler is the only one writing the lrs it
+    follows its closed form, ``get_lr()``.  A chainable one (``_chainable``; it also defines
+    ``_chained_lr(lrs)``, torch's ``get_lr``: the next lrs from the groups' current ones)
+    switches for good to torch's chainable form when it finds a group's lr other than the one
+    it wrote last, or when it is built while another scheduler of the optimizer is alive: it
+    then scales whatever the others (or a hand edit) left, as torch's does, so that the effects
+    multiply.  A jump to a step (``step(epoch)``, a SequentialLR milestone) uses the closed
+    form, as torch's, and starts it over.  A scheduler that is not chainable (LambdaLR,
+    OneCycleLR, WarmupCosineLR) raises a ValueError at such a step, where torch's would
+    overwrite the other's change without a word.
     """
 
     _config = ()            # attribute names saved by state_dict
+    _chainable = False      # True where _chained_lr gives torch's chainable form
+    _chained = False        # True once the lr has been found changed by someone else
     _is_initial = False     # True while construction computes the first value (as torch)
     _jump = False           # True when the value at last_epoch is wanted without its history
 
@@ -441,7 +523,9 @@ class LRScheduler:
         self.base_lrs = base_lrs
         self.last_epoch = last_epoch
         self._last_lr = [float(g["lr"]) for g in groups]
-        commit = self._plan(last_epoch + 1, jump=True, initial=True)
+        chained = (self._chainable and last_epoch == -1
+                   and _other_writer(optimizer, self) is not None)
+        _, commit = self._plan(last_epoch + 1, jump=not chained, initial=True, chained=chained)
         # Everything above may raise; from here on the optimizer is written.
         self._write_initial(groups, last_epoch)
         commit()
@@ -480,21 +564,36 @@ class LRScheduler:
         that step instead.
         """
         if epoch is None:
-            self._plan(self.last_epoch + 1)()
+            self._step_plan()[1]()
         else:
-            self._plan(_int("epoch", epoch, 0), jump=True)()
+            self._plan(_int("epoch", epoch, 0), jump=True)[1]()
 
     def _values(self):
         """(lrs, per-group dicts of other keys to write or None) at step `last_epoch`."""
         return self.get_lr(), None
 
-    def _plan(self, epoch, jump=False, initial=False):
-        """Compute the values at `epoch`, changing nothing; return a function that writes them."""
+    def _step_plan(self, current=None):
+        """`_plan` of the next step, from the group lrs `current` (default: the optimizer's)."""
+        return self._plan(self.last_epoch + 1, current=current)
+
+    def _plan(self, epoch, jump=False, initial=False, current=None, chained=None):
+        """Compute the values at `epoch`, changing nothing; return them and a function that
+        writes them.  `current`: the group lrs to start from (a ChainedScheduler passes the
+        lrs its previous member would write); `chained`: whether to use the chainable form
+        (default: if this scheduler already does, or finds an lr it did not write)."""
+        groups = self.optimizer.param_groups
+        if current is None:
+            current = [g["lr"] for g in groups]
+        if chained is None:
+            # a change in the number of groups is left to the check of get_lr's length below
+            chained = not jump and (self._chained or (len(current) == len(self._last_lr)
+                                                      and current != self._last_lr))
+        if chained and not self._chainable:
+            self._refuse_to_chain(current)
         saved = self.last_epoch
         self.last_epoch, self._jump, self._is_initial = epoch, jump, initial
         try:
-            lrs, extras = self._values()
-            groups = self.optimizer.param_groups
+            lrs, extras = (self._chained_lr(current), None) if chained else self._values()
             if not isinstance(lrs, (list, tuple)) or len(lrs) != len(groups):
                 raise ValueError(f"{type(self).__name__}.get_lr() must return one lr per param "
                                  f"group ({len(groups)}), got {lrs!r}")
@@ -511,20 +610,37 @@ class LRScheduler:
                     g.update(extras[i])
             self.last_epoch = epoch
             self._last_lr = lrs
-        return commit
+            self._chained = chained
+            _note_writer(self.optimizer, self)
+        return lrs, commit
+
+    def _refuse_to_chain(self, current):
+        name = type(self).__name__
+        i = next(i for i, (a, b) in enumerate(zip(current, self._last_lr)) if a != b)
+        raise ValueError(
+            f"{name}: optimizer.param_groups[{i}]['lr'] is {current[i]!r}, not the "
+            f"{self._last_lr[i]!r} this scheduler wrote last: another scheduler (or a hand "
+            f"edit) changed it, and {name} computes the lr from the base lr alone, so it cannot "
+            f"compose with that change (torch's would overwrite it without a word).  Step it "
+            f"alone, or step only chainable schedulers together ({_CHAINABLE})")
 
     # ---- state ----
 
     def state_dict(self):
-        """{'last_epoch', 'base_lrs', '_last_lr', and each hyperparameter}: JSON-plain values."""
+        """{'last_epoch', 'base_lrs', '_last_lr', '_chained', and each hyperparameter}:
+        JSON-plain values.  torch's load_state_dict takes it too (but for MultiStepLR, whose
+        milestones torch keeps in a Counter)."""
         sd = {"last_epoch": self.last_epoch, "base_lrs": list(self.base_lrs),
-              "_last_lr": list(self._last_lr)}
+              "_last_lr": list(self._last_lr), "_chained": self._chained}
         for key in self._config:
             sd[key] = _plain(key, getattr(self, key))
         return sd
 
     def load_state_dict(self, state_dict):
-        """Restore `state_dict()`'s output (hyperparameters included, as torch).
+        """Restore `state_dict()`'s output (hyperparameters included, as torch), or the
+        state_dict() of torch's scheduler of the same class (its call bookkeeping,
+        ``_step_count``, ``_is_initial`` and ``_get_lr_called_within_step``, is checked and
+        ignored).
 
         Every key and value is checked first; on a problem a TypeError/ValueError names it and
         nothing has changed.  As in torch, the optimizer's lrs are not written (load the
@@ -533,9 +649,20 @@ class LRScheduler:
         self._load_plan(state_dict, "state_dict")()
 
     def _load_plan(self, sd, where):
-        _keys(where, sd, ("last_epoch", "base_lrs", "_last_lr") + tuple(self._config))
+        from_torch = isinstance(sd, Mapping) and "_step_count" in sd
+        sd = _without_torch_keys(where, sd)
+        # optional: torch's state dicts and older fastopt checkpoints lack it.  torch's
+        # schedulers always follow the group's lr: a chainable one loaded from torch does too.
+        _keys(where, sd, ("last_epoch", "base_lrs", "_last_lr") + tuple(self._config),
+              optional=("_chained",))
+        chained = _flag(f"{where}['_chained']",
+                        sd.get("_chained", from_torch and self._chainable))
+        if chained and not self._chainable:
+            raise ValueError(f"{where}['_chained'] is True, but {type(self).__name__} is not "
+                             "chainable")
         n = len(self.optimizer.param_groups)
-        last_epoch = _int(f"{where}['last_epoch']", sd["last_epoch"], 0)
+        # -1: not started (torch's SequentialLR saves its later schedulers so)
+        last_epoch = _int(f"{where}['last_epoch']", sd["last_epoch"], -1)
         base_lrs = _float_list(f"{where}['base_lrs']", sd["base_lrs"], n, lo=0.0)
         last_lr = _float_list(f"{where}['_last_lr']", sd["_last_lr"], n)
         config = self._check_config({k: sd[k] for k in self._config},
@@ -543,6 +670,7 @@ class LRScheduler:
 
         def commit():
             self.last_epoch, self.base_lrs, self._last_lr = last_epoch, base_lrs, last_lr
+            self._chained = chained
             for k, v in config.items():
                 setattr(self, k, v)
         return commit
@@ -631,16 +759,24 @@ class StepLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_step_args)
+    _chainable = True
 
     def get_lr(self):
         return [_step_lr(self.last_epoch, b, self.step_size, self.gamma) for b in self.base_lrs]
+
+    def _chained_lr(self, lrs):
+        e = self.last_epoch
+        if e == 0 or e % self.step_size != 0:
+            return list(lrs)
+        return [lr * self.gamma for lr in lrs]
 
 
 class MultiStepLR(LRScheduler):
     """lr = base_lr * gamma ** (number of milestones <= step)  (`multi_step_lr`).
 
-    milestones must be strictly increasing (torch's documented rule; torch also accepts
-    repeats, applying gamma once per repeat).
+    milestones must be non-decreasing; a milestone given n times decays by gamma ** n there, as
+    torch's (which keeps them in a Counter, and also takes them unsorted).  A Counter is taken
+    as the list it counts.
     """
 
     _config = ("milestones", "gamma")
@@ -650,10 +786,18 @@ class MultiStepLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_multi_step_args)
+    _chainable = True
 
     def get_lr(self):
         return [_multi_step_lr(self.last_epoch, b, self.milestones, self.gamma)
                 for b in self.base_lrs]
+
+    def _chained_lr(self, lrs):
+        e = self.last_epoch
+        repeats = bisect.bisect_right(self.milestones, e) - bisect.bisect_left(self.milestones, e)
+        if not repeats:
+            return list(lrs)
+        return [lr * self.gamma ** repeats for lr in lrs]
 
 
 class ExponentialLR(LRScheduler):
@@ -666,9 +810,15 @@ class ExponentialLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_exponential_args)
+    _chainable = True
 
     def get_lr(self):
         return [_exponential_lr(self.last_epoch, b, self.gamma) for b in self.base_lrs]
+
+    def _chained_lr(self, lrs):
+        if self._is_initial:
+            return list(lrs)
+        return [lr * self.gamma for lr in lrs]
 
 
 class LinearLR(LRScheduler):
@@ -676,7 +826,8 @@ class LinearLR(LRScheduler):
     / total_iters)  (`linear_lr`): a linear warm-up (end_factor=1) or decay.
 
     torch's closed form; with end_factor=0 it ends at exactly 0, where torch's chainable form
-    leaves a residue of about 1e-17 * base_lr, which can be negative.
+    leaves a residue of about 1e-17 * base_lr, which can be negative.  Composed with another
+    scheduler it follows torch's chainable form, with such a residue raised to 0.
     """
 
     _config = ("start_factor", "end_factor", "total_iters")
@@ -688,10 +839,20 @@ class LinearLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_linear_args)
+    _chainable = True
 
     def get_lr(self):
         return [_linear_lr(self.last_epoch, b, self.start_factor, self.end_factor,
                            self.total_iters) for b in self.base_lrs]
+
+    def _chained_lr(self, lrs):
+        e, s, f, n = self.last_epoch, self.start_factor, self.end_factor, self.total_iters
+        if e == 0:
+            return [lr * s for lr in lrs]
+        if self._is_initial or e > n:
+            return list(lrs)
+        # max: where end_factor = 0 torch's form leaves a residue that can be below 0
+        return [max(0.0, lr * (1.0 + (f - s) / (n * s + (e - 1) * (f - s)))) for lr in lrs]
 
 
 class ConstantLR(LRScheduler):
@@ -708,10 +869,23 @@ class ConstantLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_constant_args)
+    _chainable = True
 
     def get_lr(self):
         return [_constant_lr(self.last_epoch, b, self.factor, self.total_iters)
                 for b in self.base_lrs]
+
+    def _chained_lr(self, lrs):
+        e = self.last_epoch
+        if e == 0:
+            return [lr * self.factor for lr in lrs]
+        if e != self.total_iters:
+            return list(lrs)
+        if self.factor == 0:
+            raise ValueError(f"ConstantLR with factor=0 cannot end its factor at step "
+                             f"total_iters={self.total_iters} while another scheduler also "
+                             "sets the lr (torch's chainable form divides by the factor there)")
+        return [lr * (1.0 / self.factor) for lr in lrs]
 
 
 class CosineAnnealingLR(LRScheduler):
@@ -723,8 +897,8 @@ class CosineAnnealingLR(LRScheduler):
     lr(t) = lr(t-1) + (base_lr - eta_min) * (1 - cos(pi/T_max)) / 2), starting from base_lr.
     It approximates `cosine_annealing_lr`, torch's closed form, to a few 1e-13 relative (the
     recursion accumulates rounding), and like it rises again past T_max.  The recursion runs
-    from the lr this scheduler last wrote, where torch's reads ``group["lr"]``: the same unless
-    the lr was changed by hand.
+    from the lr this scheduler last wrote, and, once another scheduler or a hand edit has changed
+    it, from ``group["lr"]``, as torch's.
     """
 
     _config = ("T_max", "eta_min")
@@ -734,6 +908,7 @@ class CosineAnnealingLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_cosine_args)
+    _chainable = True
 
     def get_lr(self):
         e, T, eta = self.last_epoch, self.T_max, self.eta_min
@@ -741,11 +916,20 @@ class CosineAnnealingLR(LRScheduler):
             return list(self.base_lrs)         # torch keeps the lr, which is the base lr
         if self._jump:                         # no history to recurse from: torch's closed form
             return [_cosine_annealing_lr(e, b, T, eta) for b in self.base_lrs]
+        return self._recurse(self._last_lr)
+
+    def _chained_lr(self, lrs):
+        if self._is_initial:
+            return list(lrs)
+        return self._recurse(lrs)
+
+    def _recurse(self, lrs):
+        e, T, eta = self.last_epoch, self.T_max, self.eta_min
         if (e - 1 - T) % (2 * T) == 0:
             return [lr + (b - eta) * (1 - math.cos(math.pi / T)) / 2
-                    for b, lr in zip(self.base_lrs, self._last_lr)]
+                    for b, lr in zip(self.base_lrs, lrs)]
         return [(1 + math.cos(math.pi * e / T)) / (1 + math.cos(math.pi * (e - 1) / T))
-                * (lr - eta) + eta for lr in self._last_lr]
+                * (lr - eta) + eta for lr in lrs]
 
 
 class OneCycleLR(LRScheduler):
@@ -763,6 +947,10 @@ class OneCycleLR(LRScheduler):
     read back from the groups; arguments torch accepts but then divides by zero on
     (pct_start * total_steps == 1; pct_start = 1 with two phases) are refused, and so are
     total_steps and epochs * steps_per_epoch given together and different.
+
+    torch's state dict holds the phases, not max_lr, the factors or the momenta (those are in
+    its optimizer's groups): one loads into a OneCycleLR built with the same arguments, and the
+    phases, total_steps, anneal_strategy and cycle_momentum must agree with its own.
     """
 
     _config = ("total_steps", "pct_start", "anneal_strategy", "div_factor", "final_div_factor",
@@ -857,6 +1045,40 @@ class OneCycleLR(LRScheduler):
     def get_lr(self):
         return self._values()[0]
 
+    _TORCH_ONLY = ("_schedule_phases", "_anneal_func_type", "use_beta1")
+
+    def _load_plan(self, sd, where):
+        if isinstance(sd, Mapping) and "_schedule_phases" in sd:
+            sd = self._from_torch(sd, where)
+        return super()._load_plan(sd, where)
+
+    def _from_torch(self, sd, where):
+        """torch's OneCycleLR state dict as ours, if it describes this scheduler's cycle."""
+        _keys(where, sd, ("last_epoch", "base_lrs", "_last_lr", "total_steps",
+                          "cycle_momentum") + self._TORCH_ONLY, optional=_TORCH_KEYS)
+        phases = sd["_schedule_phases"]
+        if (not isinstance(phases, (list, tuple))
+                or not all(isinstance(p, Mapping) and "end_step" in p for p in phases)):
+            raise TypeError(f"{where}['_schedule_phases'] must be a list of dicts with "
+                            f"'end_step', got {phases!r}")
+        ends = list(_one_cycle_ends(self.total_steps, self.pct_start, self.three_phase))
+        theirs = {"total_steps": sd["total_steps"], "_anneal_func_type": sd["_anneal_func_type"],
+                  "cycle_momentum": sd["cycle_momentum"],
+                  "_schedule_phases' end steps": [p["end_step"] for p in phases]}
+        ours = {"total_steps": self.total_steps, "_anneal_func_type": self.anneal_strategy,
+                "cycle_momentum": self.cycle_momentum, "_schedule_phases' end steps": ends}
+        if self.cycle_momentum:
+            theirs["use_beta1"] = sd["use_beta1"]
+            ours["use_beta1"] = self._momentum_key == "betas"
+        for k, v in ours.items():
+            if theirs[k] != v or isinstance(theirs[k], bool) != isinstance(v, bool):
+                raise ValueError(f"{where}['{k}'] is {theirs[k]!r}, this OneCycleLR's is {v!r} "
+                                 "(torch's state dict loads into a OneCycleLR built with the "
+                                 "same arguments)")
+        out = {k: v for k, v in sd.items() if k not in self._TORCH_ONLY}
+        out.update({k: _plain(k, getattr(self, k)) for k in self._config})
+        return out
+
 
 class WarmupCosineLR(LRScheduler):
     """Linear warm-up then cosine decay to a floor (`warmup_cosine_lr`), W = warmup_steps,
@@ -900,7 +1122,9 @@ class SequentialLR(LRScheduler):
     torch's semantics: at a milestone the scheduler jumps to its step 0 by its closed form, and
     steps on from there.  Departures: the schedulers must be fastopt schedulers on this
     optimizer (torch only compares optimizers); milestones must be strictly increasing and
-    >= 1 (a milestone at 0 would skip schedulers[0]); schedulers may be SequentialLRs.
+    >= 1 (a milestone at 0 would skip schedulers[0]); schedulers may be SequentialLRs, not
+    ChainedSchedulers (which have no step count to restart; torch's fail at the milestone).
+    It is chainable when all its schedulers are.
     """
 
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
@@ -918,6 +1142,9 @@ class SequentialLR(LRScheduler):
             if s.optimizer is not optimizer:
                 raise ValueError(f"schedulers[{i}] ({type(s).__name__}) is bound to a different "
                                  "optimizer than the one given to SequentialLR")
+            if isinstance(s, ChainedScheduler):
+                raise TypeError(f"schedulers[{i}] is a ChainedScheduler, which SequentialLR "
+                                "cannot restart at a milestone; chain SequentialLRs instead")
         milestones = _milestones("milestones", milestones, 1)
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"milestones must have len(schedulers) - 1 = {len(schedulers) - 1} "
@@ -927,22 +1154,27 @@ class SequentialLR(LRScheduler):
         self._milestones = milestones
         self.last_epoch = last_epoch
         self._last_lr = list(self._schedulers[0]._last_lr)
-        self._plan(last_epoch + 1, jump=True, initial=True)()
+        self._plan(last_epoch + 1, jump=True, initial=True)[1]()
 
-    def _plan(self, epoch, jump=False, initial=False):
+    @property
+    def _chainable(self):
+        return all(s._chainable for s in self._schedulers)
+
+    def _plan(self, epoch, jump=False, initial=False, current=None, chained=None):
         idx = bisect.bisect_right(self._milestones, epoch)
         sub = self._schedulers[idx]
         start = self._milestones[idx - 1] if idx else 0
         if jump or epoch == start:
-            sub_commit = sub._plan(epoch - start, jump=True, initial=initial)
+            lrs, sub_commit = sub._plan(epoch - start, jump=True, initial=initial)
         else:
-            sub_commit = sub._plan(sub.last_epoch + 1)
+            lrs, sub_commit = sub._plan(sub.last_epoch + 1, current=current)
 
         def commit():
             sub_commit()
             self.last_epoch = epoch
             self._last_lr = list(sub._last_lr)
-        return commit
+            _note_writer(self.optimizer, self)
+        return lrs, commit
 
     def get_lr(self):
         return self._schedulers[bisect.bisect_right(self._milestones, self.last_epoch)].get_lr()
@@ -954,6 +1186,7 @@ class SequentialLR(LRScheduler):
                 "_schedulers": [s.state_dict() for s in self._schedulers]}
 
     def _load_plan(self, sd, where):
+        sd = _without_torch_keys(where, sd)
         _keys(where, sd, ("last_epoch", "_milestones", "_last_lr", "_schedulers"))
         n = len(self.optimizer.param_groups)
         last_epoch = _int(f"{where}['last_epoch']", sd["last_epoch"], 0)
@@ -975,4 +1208,95 @@ class SequentialLR(LRScheduler):
             for c in commits:
                 c()
             self.last_epoch, self._milestones, self._last_lr = last_epoch, milestones, last_lr
+        return commit
+
+
+class ChainedScheduler(LRScheduler):
+    """Steps several schedulers of one optimizer at once, each from the lrs the one before it
+    wrote, so that their effects multiply (torch's ``ChainedScheduler(schedulers,
+    optimizer=None)``):
+
+        sched = ChainedScheduler([ConstantLR(opt, 0.1, total_iters=2), ExponentialLR(opt, 0.9)])
+
+    is the same as stepping the two one after the other (see LRScheduler on schedulers that
+    share an optimizer).  Departures: with more than one scheduler every one must be chainable
+    (StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR, CosineAnnealingLR, SequentialLR
+    and ChainedScheduler of those); LambdaLR, OneCycleLR and WarmupCosineLR set the lr from the
+    base lr alone, so torch's would overwrite the others' effect: they are refused, and so is a
+    scheduler listed twice.  `step()` takes no epoch (as torch's) and computes every
+    scheduler's values before it writes any.
+    """
+
+    def __init__(self, schedulers, optimizer=None):
+        if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, (list, tuple)):
+            raise TypeError(f"schedulers must be a list of schedulers, got "
+                            f"{type(schedulers).__name__}")
+        if not schedulers:
+            raise ValueError("schedulers is empty; ChainedScheduler needs at least one scheduler")
+        for i, s in enumerate(schedulers):
+            if not isinstance(s, LRScheduler):
+                raise TypeError(f"schedulers[{i}] must be a fastopt.lr_scheduler scheduler, got "
+                                f"{type(s).__name__}")
+        if optimizer is None:
+            optimizer = schedulers[0].optimizer
+        groups = _param_groups(optimizer)
+        for i, s in enumerate(schedulers):
+            if s.optimizer is not optimizer:
+                raise ValueError(f"schedulers[{i}] ({type(s).__name__}) is bound to a different "
+                                 "optimizer than " + ("the one given to ChainedScheduler"
+                                                      if i else "the optimizer given"))
+            if any(s is t for t in schedulers[:i]):
+                raise ValueError(f"schedulers[{i}] is listed twice; it would step twice")
+            if len(schedulers) > 1 and not s._chainable:
+                raise ValueError(f"schedulers[{i}] ({type(s).__name__}) is not chainable: it "
+                                 "sets the lr from the base lr alone, which would overwrite the "
+                                 f"other schedulers' effect; chainable are {_CHAINABLE}")
+        self.optimizer = optimizer
+        self._schedulers = list(schedulers)
+        self._last_lr = [float(g["lr"]) for g in groups]
+
+    @property
+    def _chainable(self):
+        return all(s._chainable for s in self._schedulers)
+
+    def step(self):
+        """Step every scheduler, in order, each from the lrs the one before it wrote."""
+        self._step_plan()[1]()
+
+    def _step_plan(self, current=None):
+        lrs, commits = current, []
+        for s in self._schedulers:
+            lrs, c = s._step_plan(lrs)
+            commits.append(c)
+
+        def commit():
+            for c in commits:
+                c()
+            self._last_lr = list(lrs)
+            _note_writer(self.optimizer, self)
+        return lrs, commit
+
+    def state_dict(self):
+        """{'_last_lr', '_schedulers': [their state dicts]}, torch's keys."""
+        return {"_last_lr": list(self._last_lr),
+                "_schedulers": [s.state_dict() for s in self._schedulers]}
+
+    def _load_plan(self, sd, where):
+        sd = _without_torch_keys(where, sd)
+        _keys(where, sd, ("_last_lr", "_schedulers"))
+        last_lr = _float_list(f"{where}['_last_lr']", sd["_last_lr"],
+                              len(self.optimizer.param_groups))
+        subs = sd["_schedulers"]
+        if not isinstance(subs, (list, tuple)):
+            raise TypeError(f"{where}['_schedulers'] must be a list, got {type(subs).__name__}")
+        if len(subs) != len(self._schedulers):
+            raise ValueError(f"{where}['_schedulers'] has {len(subs)} entries, this "
+                             f"ChainedScheduler has {len(self._schedulers)} schedulers")
+        commits = [s._load_plan(d, f"{where}['_schedulers'][{i}]")
+                   for i, (s, d) in enumerate(zip(self._schedulers, subs))]
+
+        def commit():
+            for c in commits:
+                c()
+            self._last_lr = last_lr
         return commit

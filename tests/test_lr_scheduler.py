@@ -9,7 +9,7 @@ import functools
 import json
 import math
 import warnings
-from collections import namedtuple
+from collections import Counter, namedtuple
 
 import numpy as np
 import pytest
@@ -49,6 +49,11 @@ def record(opt):
 
 def run(module, opt, make, steps=STEPS):
     """Values at construction and after each of `steps` (opt.step(), sched.step()) pairs."""
+    return run_and_keep(module, opt, make, steps)[0]
+
+
+def run_and_keep(module, opt, make, steps=STEPS):
+    """run's values, and the scheduler."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")     # torch's order/deprecation hints
         sched = make(module, opt)
@@ -57,7 +62,7 @@ def run(module, opt, make, steps=STEPS):
             opt.step()
             sched.step()
             out.append(record(opt))
-    return np.array(out)                    # (steps + 1, groups, 2)
+    return np.array(out), sched             # (steps + 1, groups, 2)
 
 
 def assert_rel(actual, expected, rtol, what):
@@ -88,6 +93,9 @@ SCHEDULES = [
          lambda t, i: S.step_lr(t, _b(i), 7, 0.7), True),
     Case("MultiStepLR", "adam", lambda m, o: m.MultiStepLR(o, [10, 200, 500, 900], 0.5),
          lambda t, i: S.multi_step_lr(t, _b(i), [10, 200, 500, 900], 0.5), True),
+    Case("MultiStepLR repeated milestones", "sgd",
+         lambda m, o: m.MultiStepLR(o, [3, 3, 40, 40, 40, 700], 0.5),
+         lambda t, i: S.multi_step_lr(t, _b(i), [3, 3, 40, 40, 40, 700], 0.5), True),
     Case("ExponentialLR", "sgd", lambda m, o: m.ExponentialLR(o, 0.99),
          lambda t, i: S.exponential_lr(t, _b(i), 0.99), True),
     Case("LinearLR warmup", "adam", lambda m, o: m.LinearLR(o, 0.1, 1.0, 700),
@@ -124,6 +132,16 @@ SCHEDULES = [
          lambda t, i: (S.constant_lr(t, _b(i), 0.5, 20) if t < 50 else
                        S.exponential_lr(t - 50, _b(i), 0.99) if t < 300 else
                        S.step_lr(t - 300, _b(i), 30, 0.5)), True),
+    Case("ChainedScheduler", "sgd",
+         lambda m, o: m.ChainedScheduler([m.ConstantLR(o, 0.1, 20), m.ExponentialLR(o, 0.995),
+                                          m.MultiStepLR(o, [300, 600, 600], 0.5)]),
+         lambda t, i: (S.constant_lr(t, _b(i), 0.1, 20) * S.exponential_lr(t, 1.0, 0.995)
+                       * S.multi_step_lr(t, 1.0, [300, 600, 600], 0.5)), False),
+    Case("ChainedScheduler of a warm-up and a cosine, optimizer given", "adam",
+         lambda m, o: m.ChainedScheduler([m.LinearLR(o, 0.01, 1.0, 50),
+                                          m.CosineAnnealingLR(o, 1000)], o),
+         lambda t, i: S.linear_lr(t, 1.0, 0.01, 1.0, 50) * S.cosine_annealing_lr(t, _b(i), 1000),
+         False),
     Case("WarmupCosineLR", "adam", lambda m, o: m.warmup_cosine(o, 100, 1000, 1e-4),
          lambda t, i: S.warmup_cosine_lr(t, _b(i), 100, 1000, 1e-4), True, None,
          lambda m, o: m.SequentialLR(o, [m.LinearLR(o, 1 / 100, 1.0, 99),
@@ -177,7 +195,10 @@ def test_state_dict_round_trip_resumes_the_same_sequence(case):
     sched2.load_state_dict(json.loads(text))
     assert sched2.state_dict() == sd
     assert sched2.get_last_lr() == sched.get_last_lr() == [g["lr"] for g in opt.param_groups]
-    assert sched2.last_epoch == sched.last_epoch == k
+    if isinstance(sched, S.ChainedScheduler):   # which has no last_epoch, as torch's
+        assert all(s.last_epoch == k for s in sched2._schedulers + sched._schedulers)
+    else:
+        assert sched2.last_epoch == sched.last_epoch == k
     for _ in range(STEPS - k):
         opt.step()
         sched.step()
@@ -185,6 +206,172 @@ def test_state_dict_round_trip_resumes_the_same_sequence(case):
         sched2.step()
         assert record(opt2) == record(opt)
     np.testing.assert_array_equal(opt2.flat_params, opt.flat_params)
+
+
+# ---- several schedulers on one optimizer ---------------------------------------------------------
+# torch's schedulers scale the group's current lr, so that their effects multiply; ours follow
+# their closed forms while alone and torch's chainable forms once another scheduler has changed
+# the lr.  Closed and chainable forms differ by rounding, compounded over the steps: 1e-12.
+
+def run_together(module, opt, make, steps):
+    """Values at construction and after each step of `opt` and then of each scheduler that
+    make(module, opt) returns, in its order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scheds = make(module, opt)
+        out = [record(opt)]
+        for _ in range(steps):
+            opt.step()
+            for s in scheds:
+                s.step()
+            out.append(record(opt))
+    return np.array(out), scheds
+
+
+# (id, family, make(module, optimizer) -> the schedulers, built and stepped in that order, steps)
+COMPOSED = [
+    ("ExponentialLR + MultiStepLR", "sgd",
+     lambda m, o: [m.ExponentialLR(o, 0.99), m.MultiStepLR(o, [100, 250, 250, 400], 0.1)], 500),
+    ("MultiStepLR + ExponentialLR", "adam",
+     lambda m, o: [m.MultiStepLR(o, [0, 100, 250, 250, 400], 0.1), m.ExponentialLR(o, 0.99)],
+     500),
+    ("StepLR + LinearLR", "sgd", lambda m, o: [m.StepLR(o, 30, 0.5), m.LinearLR(o, 0.1, 1.0, 80)],
+     500),
+    ("LinearLR + StepLR", "adam", lambda m, o: [m.LinearLR(o, 0.1, 1.0, 80), m.StepLR(o, 30, 0.5)],
+     500),
+    ("ConstantLR + ExponentialLR + CosineAnnealingLR", "sgd",
+     lambda m, o: [m.ConstantLR(o, 0.5, 40), m.ExponentialLR(o, 0.999),
+                   m.CosineAnnealingLR(o, 1000, 1e-5)], 1000),
+    ("LinearLR decay to 0 + ExponentialLR", "sgd",
+     lambda m, o: [m.LinearLR(o, 1 / 3, 0.0, 5), m.ExponentialLR(o, 0.9)], 12),
+    ("SequentialLR + ExponentialLR", "adam",
+     lambda m, o: [m.SequentialLR(o, [m.LinearLR(o, 0.1, 1.0, 50), m.StepLR(o, 100, 0.5)], [50]),
+                   m.ExponentialLR(o, 0.999)], 1000),
+    ("ChainedScheduler + StepLR", "sgd",
+     lambda m, o: [m.ChainedScheduler([m.ExponentialLR(o, 0.995), m.MultiStepLR(o, [60], 0.2)]),
+                   m.StepLR(o, 45, 0.5)], 500),
+]
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+@pytest.mark.parametrize("id_,family,make,steps", COMPOSED, ids=[c[0] for c in COMPOSED])
+def test_schedulers_on_one_optimizer_compose_as_torch(id_, family, make, steps):
+    ours, _ = run_together(S, fastopt_optimizer(family), make, steps)
+    theirs, _ = run_together(torch.optim.lr_scheduler, torch_optimizer(family), make, steps)
+    assert (ours[:, :, 0] >= 0).all()           # fastopt's optimizers refuse a negative lr
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL, atol=1e-17, err_msg=id_)
+
+
+@pytest.mark.parametrize("id_,family,make,steps", COMPOSED, ids=[c[0] for c in COMPOSED])
+def test_composed_state_dicts_round_trip(id_, family, make, steps):
+    """Each scheduler's state dict (its _chained flag included) resumes the composed
+    sequence exactly."""
+    k = steps // 3
+    straight, _ = run_together(S, fastopt_optimizer(family), make, steps)
+    opt = fastopt_optimizer(family)
+    _, scheds = run_together(S, opt, make, k)
+    sds = json.loads(json.dumps([s.state_dict() for s in scheds], allow_nan=False))
+    opt2 = fastopt_optimizer(family)
+    resumed, _ = run_together(S, opt2, lambda m, o: _loaded(make(m, o), o, opt, sds), steps - k)
+    assert resumed.tolist() == straight[k:].tolist()
+
+
+def _loaded(scheds, opt, trained, sds):
+    opt.load_state_dict(trained.state_dict())
+    for s, sd in zip(scheds, sds):
+        s.load_state_dict(sd)
+    return scheds
+
+
+def test_checkpoint_of_a_chained_scheduler_resumes_it(tmp_path):
+    def make(o):
+        return S.ChainedScheduler([S.LinearLR(o, 0.2, 1.0, 10), S.StepLR(o, 7, 0.5)])
+
+    straight, _ = run_together(S, fastopt_optimizer("adam"), lambda m, o: [make(o)], 40)
+    opt = fastopt_optimizer("adam")
+    _, (sched,) = run_together(S, opt, lambda m, o: [make(o)], 15)
+    opt.save(tmp_path / "ck.npz", sched)
+    opt2 = fastopt_optimizer("adam")
+    sched2 = make(opt2)
+    opt2.load(tmp_path / "ck.npz", sched2)
+    resumed, _ = run_together(S, opt2, lambda m, o: [sched2], 25)
+    assert resumed.tolist() == straight[15:].tolist()
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+def test_an_lr_set_by_hand_is_scaled_as_torch_does():
+    def run_with_edit(module, opt):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sched = module.ExponentialLR(opt, 0.9)
+            out = []
+            for t in range(30):
+                if t == 10:
+                    opt.param_groups[0]["lr"] = 0.5
+                opt.step()
+                sched.step()
+                out.append([g["lr"] for g in opt.param_groups])
+        return out
+
+    ours = run_with_edit(S, fastopt_optimizer("sgd"))
+    theirs = run_with_edit(torch.optim.lr_scheduler, torch_optimizer("sgd"))
+    assert ours[10][0] == 0.5 * 0.9
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL)
+
+
+def _lambda_and_exponential(o):
+    return [S.LambdaLR(o, lambda e: 0.5 ** e), S.ExponentialLR(o, 0.9)]
+
+
+def _step_and_one_cycle(o):
+    return [S.StepLR(o, 5, 0.5), S.OneCycleLR(o, 1.0, total_steps=100)]
+
+
+def _warmup_cosine_edited_by_hand(o):
+    sched = S.warmup_cosine(o, 5, 100)
+
+    class Edit:
+        def step(self):
+            o.param_groups[1]["lr"] = 0.25
+    return [sched, Edit()]
+
+
+def _constant_factor_0_and_exponential(o):
+    return [S.ExponentialLR(o, 0.9), S.ConstantLR(o, 0.0, 4)]
+
+
+# (id, make(optimizer) -> schedulers stepped in that order, the step that fails (1-based),
+#  index of the scheduler that refuses, message)
+CANNOT_COMPOSE = [
+    ("LambdaLR + ExponentialLR", _lambda_and_exponential, 2, 0,
+     r"LambdaLR: optimizer.param_groups\[0\]\['lr'\] is 0\.045000000000000005, not the 0\.05 "
+     r"this scheduler wrote last: another scheduler \(or a hand edit\) changed it"),
+    ("StepLR + OneCycleLR", _step_and_one_cycle, 5, 1,
+     r"OneCycleLR: optimizer.param_groups\[0\]\['lr'\] .* cannot compose"),
+    ("WarmupCosineLR edited by hand", _warmup_cosine_edited_by_hand, 2, 0,
+     r"WarmupCosineLR: optimizer.param_groups\[1\]\['lr'\] is 0\.25"),
+    ("ConstantLR factor 0 + ExponentialLR", _constant_factor_0_and_exponential, 4, 1,
+     "ConstantLR with factor=0 cannot end its factor at step total_iters=4"),
+    ("ChainedScheduler whose last member fails", lambda o: [
+        S.ChainedScheduler(_constant_factor_0_and_exponential(o))], 4, 0,
+     "ConstantLR with factor=0 cannot end its factor at step total_iters=4"),
+]
+
+
+@pytest.mark.parametrize("make,fails_at,who,match", [c[1:] for c in CANNOT_COMPOSE],
+                         ids=[c[0] for c in CANNOT_COMPOSE])
+def test_what_cannot_compose_is_refused_at_the_step_and_changes_nothing(make, fails_at, who,
+                                                                         match):
+    """Where torch's would overwrite another scheduler's effect without a word (or divide by
+    zero), ours raise a ValueError naming the problem, having changed nothing."""
+    opt = fastopt_optimizer("sgd")
+    scheds = make(opt)
+    for t in range(1, fails_at):
+        for s in scheds:
+            s.step()
+    for s in scheds[:who]:
+        s.step()
+    _assert_step_error_changes_nothing(opt, scheds[who], ValueError, match)
 
 
 # ---- closed forms, by hand --------------------------------------------------------------------
@@ -198,6 +385,7 @@ CLOSED_FORMS = [
     ("multi_step_lr at a milestone", lambda: S.multi_step_lr(5, 1.0, [5, 8], 0.5), 0.5),
     ("multi_step_lr", lambda: S.multi_step_lr(9, 1.0, [5, 8], 0.5), 0.25),
     ("multi_step_lr before", lambda: S.multi_step_lr(4, 1.0, [5, 8], 0.5), 1.0),
+    ("multi_step_lr repeated milestone", lambda: S.multi_step_lr(2, 1.0, [2, 2, 5], 0.5), 0.25),
     ("exponential_lr", lambda: S.exponential_lr(3, 2.0, 0.5), 0.25),
     ("linear_lr start", lambda: S.linear_lr(0, 1.0, 0.25, 1.0, 4), 0.25),
     ("linear_lr middle", lambda: S.linear_lr(2, 1.0, 0.25, 1.0, 4), 0.625),
@@ -407,9 +595,11 @@ CONSTRUCTOR_ERRORS = [
     ("StepLR gamma str", lambda o: P(S.StepLR, o, 3, "0.1"), TypeError,
      "gamma must be a real number"),
     ("MultiStepLR decreasing", lambda o: P(S.MultiStepLR, o, [5, 3]), ValueError,
-     r"milestones must be strictly increasing, got \[5, 3\]"),
-    ("MultiStepLR repeated", lambda o: P(S.MultiStepLR, o, [5, 5]), ValueError,
-     "strictly increasing"),
+     r"milestones must be non-decreasing, got \[5, 3\]"),
+    ("MultiStepLR Counter with a zero count", lambda o: P(S.MultiStepLR, o, Counter({5: 0})),
+     ValueError, r"milestones\[5\] must be >= 1"),
+    ("MultiStepLR Counter with a str key", lambda o: P(S.MultiStepLR, o, {"5": 1}),
+     TypeError, r"milestones key '5' must be an int"),
     ("MultiStepLR negative", lambda o: P(S.MultiStepLR, o, [-1, 3]), ValueError,
      r"milestones\[0\] must be >= 0"),
     ("MultiStepLR float", lambda o: P(S.MultiStepLR, o, [1.5]), TypeError,
@@ -506,6 +696,30 @@ CONSTRUCTOR_ERRORS = [
     ("SequentialLR one scheduler, not a list", lambda o: P(S.SequentialLR, o, S.StepLR(o, 3),
                                                            []),
      TypeError, "schedulers must be a list of schedulers"),
+    ("ChainedScheduler empty", lambda o: P(S.ChainedScheduler, []), ValueError,
+     "schedulers is empty"),
+    ("ChainedScheduler one scheduler, not a list", lambda o: P(S.ChainedScheduler, S.StepLR(o, 3)),
+     TypeError, "schedulers must be a list of schedulers"),
+    ("ChainedScheduler not a scheduler", lambda o: P(S.ChainedScheduler, [S.StepLR(o, 3), 7]),
+     TypeError, r"schedulers\[1\] must be a fastopt.lr_scheduler scheduler"),
+    ("ChainedScheduler other optimizer", lambda o: P(S.ChainedScheduler, [
+        S.StepLR(o, 3), S.StepLR(fastopt_optimizer("sgd"), 3)]),
+     ValueError, r"schedulers\[1\] \(StepLR\) is bound to a different optimizer"),
+    ("ChainedScheduler optimizer given", lambda o: P(S.ChainedScheduler, [S.StepLR(o, 3)],
+                                                     fastopt_optimizer("sgd")),
+     ValueError, r"schedulers\[0\] \(StepLR\) is bound to a different optimizer than the "
+     "optimizer given"),
+    ("ChainedScheduler listed twice", lambda o: P(S.ChainedScheduler, [S.StepLR(o, 3)] * 2),
+     ValueError, r"schedulers\[1\] is listed twice"),
+    ("ChainedScheduler not chainable", lambda o: P(S.ChainedScheduler, [
+        S.OneCycleLR(o, 0.1, 100), S.StepLR(o, 3)]),
+     ValueError, r"schedulers\[0\] \(OneCycleLR\) is not chainable"),
+    ("ChainedScheduler of a SequentialLR of a LambdaLR", lambda o: P(S.ChainedScheduler, [
+        S.StepLR(o, 3), S.SequentialLR(o, [S.StepLR(o, 3), S.LambdaLR(o, abs)], [5])]),
+     ValueError, r"schedulers\[1\] \(SequentialLR\) is not chainable"),
+    ("SequentialLR of a ChainedScheduler", lambda o: P(S.SequentialLR, o, [
+        S.StepLR(o, 3), S.ChainedScheduler([S.StepLR(o, 5)])], [4]),
+     TypeError, r"schedulers\[1\] is a ChainedScheduler"),
     ("WarmupCosineLR warmup > total", lambda o: P(S.warmup_cosine, o, 11, 10), ValueError,
      "warmup_steps must be <= total_steps, got 11 > 10"),
     ("WarmupCosineLR min_lr < 0", lambda o: P(S.warmup_cosine, o, 1, 10, -1e-5), ValueError,
@@ -549,7 +763,7 @@ FUNCTION_ERRORS = [
      "warmup_steps must be >= 1"),
     ("warmup > total", lambda: S.warmup_cosine_lr(0, 0.1, 5, 4), ValueError,
      "warmup_steps must be <= total_steps"),
-    ("milestones", lambda: S.multi_step_lr(0, 0.1, [3, 2]), ValueError, "strictly increasing"),
+    ("milestones", lambda: S.multi_step_lr(0, 0.1, [3, 2]), ValueError, "non-decreasing"),
     ("lambda negative", lambda: S.lambda_lr(2, 0.1, lambda e: -e), ValueError,
      r"lr_lambda\(2\) must be >= 0"),
 ]
@@ -571,6 +785,10 @@ def _step_sched(opt):
 def _seq_sched(opt):
     return S.SequentialLR(opt, [S.LinearLR(opt, 0.5, total_iters=4),
                                 S.CosineAnnealingLR(opt, 10)], [4])
+
+
+def _chain_sched(opt):
+    return S.ChainedScheduler([S.LinearLR(opt, 0.5, total_iters=4), S.ExponentialLR(opt, 0.9)])
 
 
 def _edit(fn):
@@ -598,6 +816,17 @@ LOAD_ERRORS = [
      r"state_dict\['_last_lr'\] must be a list"),
     ("bad hyperparameter", _step_sched, _edit(lambda sd: sd.update(gamma=-1.0)), ValueError,
      r"state_dict\['gamma'\] must be > 0"),
+    ("torch's key, bad value", _step_sched, _edit(lambda sd: sd.update(_is_initial="no")),
+     TypeError, r"state_dict\['_is_initial'\] must be a bool"),
+    ("torch's keys and an unknown one", _step_sched,
+     _edit(lambda sd: sd.update(_step_count=3, _is_initial=False, _last_lrs=[0.1, 0.1])),
+     ValueError, r"state_dict has unknown keys \['_last_lrs'\]"),
+    ("MultiStepLR Counter with a negative milestone", lambda o: S.MultiStepLR(o, [2]),
+     _edit(lambda sd: sd.update(milestones=Counter({-2: 1}))), ValueError,
+     r"state_dict\['milestones'\] key -2 must be >= 0"),
+    ("SequentialLR inner last_epoch -2", _seq_sched,
+     _edit(lambda sd: sd["_schedulers"][1].update(last_epoch=-2)), ValueError,
+     r"state_dict\['_schedulers'\]\[1\]\['last_epoch'\] must be >= -1"),
     ("SequentialLR milestones", _seq_sched, _edit(lambda sd: sd.update(_milestones=[4, 6])),
      ValueError, r"state_dict\['_milestones'\] has 2 entries"),
     ("SequentialLR inner", _seq_sched,
@@ -606,6 +835,18 @@ LOAD_ERRORS = [
     ("SequentialLR inner missing", _seq_sched,
      _edit(lambda sd: sd["_schedulers"][0].pop("end_factor")), ValueError,
      r"state_dict\['_schedulers'\]\[0\] is missing \['end_factor'\]"),
+    ("_chained not a bool", _step_sched, _edit(lambda sd: sd.update(_chained=1)), TypeError,
+     r"state_dict\['_chained'\] must be a bool"),
+    ("_chained on a scheduler that is not chainable", lambda o: S.LambdaLR(o, lambda e: 1.0),
+     _edit(lambda sd: sd.update(_chained=True)), ValueError,
+     r"state_dict\['_chained'\] is True, but LambdaLR is not chainable"),
+    ("ChainedScheduler inner", _chain_sched,
+     _edit(lambda sd: sd["_schedulers"][1].update(gamma=0.0)), ValueError,
+     r"state_dict\['_schedulers'\]\[1\]\['gamma'\] must be > 0"),
+    ("ChainedScheduler count", _chain_sched, _edit(lambda sd: sd["_schedulers"].pop()),
+     ValueError, r"state_dict\['_schedulers'\] has 1 entries, this ChainedScheduler has 2"),
+    ("ChainedScheduler unknown key", _chain_sched, _edit(lambda sd: sd.update(last_epoch=5)),
+     ValueError, r"state_dict has unknown keys \['last_epoch'\]"),
     ("LambdaLR state for a plain function", lambda o: S.LambdaLR(o, lambda e: 1.0),
      _edit(lambda sd: sd.update(lr_lambdas=[{"a": 1}, None])), ValueError,
      r"lr_lambdas'\]\[0\] holds attributes, but lr_lambda\[0\] is a plain function"),
@@ -634,6 +875,78 @@ def test_bad_state_dict_changes_nothing(make, edit, exc, match):
         sched.load_state_dict(bad)
     assert sched.state_dict() == before
     assert _groups(opt) == groups
+
+
+# ---- torch's state dicts ------------------------------------------------------------------------
+
+TORCH_STATE = [c for c in SCHEDULES if c.torch_make is None]
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+@pytest.mark.parametrize("case", TORCH_STATE, ids=[c.id for c in TORCH_STATE])
+def test_loads_torch_state_dict_and_continues_as_torch(case):
+    """torch's state_dict() (with its _step_count, _is_initial, ..., a Counter of milestones
+    and, in SequentialLR, a later scheduler at last_epoch -1) loads, and the sequence goes on
+    as torch's."""
+    k = 337
+    t_opt = torch_optimizer(case.family)
+    theirs, t_sched = run_and_keep(torch.optim.lr_scheduler, t_opt, case.make, steps=k)
+    opt = fastopt_optimizer(case.family)
+    sched = case.make(S, opt)
+    sched.load_state_dict(t_sched.state_dict())
+    for g, tg in zip(opt.param_groups, t_opt.param_groups):      # the optimizer's state
+        g.update({k: tg[k] for k in ("lr", "momentum") if k in g})
+        if "betas" in g:
+            g["betas"] = tuple(tg["betas"])
+    assert getattr(sched, "last_epoch", k) == k             # ChainedScheduler has none
+    assert sched.get_last_lr() == theirs[-1, :, 0].tolist()
+    ours = run(S, opt, lambda m, o: sched, steps=STEPS - k)
+    rest = run(torch.optim.lr_scheduler, t_opt, lambda m, o: t_sched, steps=STEPS - k)
+    assert_rel(ours, rest, RTOL, case.id)
+
+
+TORCH_LOADS = [c for c in TORCH_STATE
+               if not c.id.startswith(("MultiStepLR", "SequentialLR", "OneCycleLR"))
+               and c.id != "ChainedScheduler"]      # it holds a MultiStepLR
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+@pytest.mark.parametrize("case", TORCH_LOADS, ids=[c.id for c in TORCH_LOADS])
+def test_torch_loads_our_state_dict_and_continues_as_ours(case):
+    """The other way: torch's load_state_dict takes ours (MultiStepLR's milestones are a list
+    here, a Counter there, so torch cannot take that one; SequentialLR's inner schedulers'
+    last_epoch differ by torch's "undo")."""
+    k = 337
+    opt = fastopt_optimizer(case.family)
+    _, sched = run_and_keep(S, opt, case.make, steps=k)
+    t_opt = torch_optimizer(case.family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_sched = case.make(torch.optim.lr_scheduler, t_opt)
+    t_sched.load_state_dict(json.loads(json.dumps(sched.state_dict())))
+    for g, tg in zip(opt.param_groups, t_opt.param_groups):
+        tg["lr"] = g["lr"]
+    theirs = run(torch.optim.lr_scheduler, t_opt, lambda m, o: t_sched, steps=STEPS - k)
+    ours = run(S, opt, lambda m, o: sched, steps=STEPS - k)
+    assert_rel(theirs, ours, RTOL, case.id)
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+def test_torch_one_cycle_state_of_another_cycle_is_refused():
+    t_opt = torch_optimizer("sgd")
+    t_sd = torch.optim.lr_scheduler.OneCycleLR(t_opt, 1.0, total_steps=50).state_dict()
+    opt = fastopt_optimizer("sgd")
+    sched = S.OneCycleLR(opt, 1.0, total_steps=100)
+    before = sched.state_dict()
+    with pytest.raises(ValueError, match=r"state_dict\['total_steps'\] is 50, this "
+                                         "OneCycleLR's is 100"):
+        sched.load_state_dict(t_sd)
+    t_sd = torch.optim.lr_scheduler.OneCycleLR(t_opt, 1.0, total_steps=100,
+                                               pct_start=0.4).state_dict()
+    with pytest.raises(ValueError, match=r"end steps'\] is \[39.0, 99\], this OneCycleLR's "
+                                         r"is \[29.0, 99\]"):
+        sched.load_state_dict(t_sd)
+    assert sched.state_dict() == before
 
 
 # ---- coverage of the tables ---------------------------------------------------------------------
