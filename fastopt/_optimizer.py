@@ -276,13 +276,20 @@ class Optimizer:
 
         Arrays are copies in each parameter's shape; 'step' is an int.
         """
-        groups, k = [], 0
-        for group in self.param_groups:
-            g = {key: value for key, value in group.items() if key != "params"}
-            g["params"] = list(range(k, k + len(group["params"])))
-            k += len(group["params"])
-            groups.append(g)
-        return {"state": self._collect_state(copy=True), "param_groups": groups}
+        return {"state": self._collect_state(copy=True), "param_groups": self._indexed_groups()}
+
+    def state_outline(self):
+        """`state_dict()` without the data: each array is a read-only stand-in of its shape and
+        dtype that holds no memory (checkpoints describe the state with it, then write the
+        buffers one at a time from `state_buffers()`)."""
+        return {"state": self._collect_state(copy=None), "param_groups": self._indexed_groups()}
+
+    def state_buffers(self):
+        """Yield (name, buffer) for each state buffer: the whole arena-long buffer, live (not a
+        copy); `layout.view(buffer, k)` is param k's part.  A sharded optimizer gathers one
+        buffer at a time to the rank that writes checkpoints, yielding None on the others (a
+        collective: every rank iterates to the end)."""
+        yield from self._full_state().items()
 
     @_exclusive
     def load_state_dict(self, state_dict):
@@ -299,10 +306,12 @@ class Optimizer:
         `apply_state` installs (a TypeError/ValueError says what is wrong)."""
         return _state_dict.check(self._spec, self._arena, self.param_groups, state_dict)
 
-    def apply_state(self, groups, steps=None):
+    def apply_state(self, groups, steps=None, fill=None):
         """Install what `check_state_dict` accepted (the second half of load_state_dict);
         `steps`, when given, are the groups' step counts (a checkpoint keeps its own, also for
-        groups without state)."""
+        groups without state).  `fill(key, k, out, start)`, when given, writes the buffers in
+        place of the arrays: elements [start, start + out.size) of param k's buffer `key`
+        (flattened) into `out` (a checkpoint streams them from its file)."""
         arena, lo, hi = self._arena, self._lo, self._hi
         mine = list(self._state.values())
         for gs in groups:           # arrays that alias the arenas (opt.state's own views, say)
@@ -317,8 +326,11 @@ class Optimizer:
                     off = arena.offsets[k]
                     a_lo, a_hi = max(off, lo), min(off + a.size, hi)   # the part held here
                     if a_lo < a_hi:
-                        self._state[key][a_lo - lo:a_hi - lo] = \
-                            a.reshape(-1)[a_lo - off:a_hi - off]
+                        out = self._state[key][a_lo - lo:a_hi - lo]
+                        if fill is None:
+                            out[...] = a.reshape(-1)[a_lo - off:a_hi - off]
+                        else:
+                            fill(key, k, out, a_lo - off)
             self._steps[i] = gs.step if steps is None else steps[i]
             self._counters[i] = dict(gs.counters)
             self._live[i] = set(gs.buffers)
@@ -461,9 +473,21 @@ class Optimizer:
         self._stepper.set_buffer(key, arena)
         self._state[key] = arena
 
+    def _indexed_groups(self):
+        """The param groups as a state dict holds them: hyperparameters, params as indices."""
+        groups, k = [], 0
+        for group in self.param_groups:
+            g = {key: value for key, value in group.items() if key != "params"}
+            g["params"] = list(range(k, k + len(group["params"])))
+            k += len(group["params"])
+            groups.append(g)
+        return groups
+
     def _collect_state(self, copy):
+        """`state`'s entries; arrays are copies (copy=True), live views (False) or stand-ins
+        holding no memory (None: no state is read or gathered)."""
         fam, arena = self._family, self._arena
-        arenas = self._full_state()
+        arenas = self._full_state() if copy is not None else None
         state = {}
         for i in range(len(self.param_groups)):
             if not self._steps[i] or not (self._live[i] or fam.has_step):
@@ -473,8 +497,11 @@ class Optimizer:
                 entry.update(self._counters[i])
                 for key in fam.buffer_names:
                     if key in self._live[i]:
-                        view = arena.view(arenas[key], k)
-                        entry[key] = view.copy() if copy else view
+                        if arenas is None:
+                            entry[key] = np.broadcast_to(np.float32(0), arena.shapes[k])
+                        else:
+                            view = arena.view(arenas[key], k)
+                            entry[key] = view.copy() if copy else view
                 state[k] = entry
         return state
 

@@ -1,7 +1,8 @@
 """Checkpoints: an optimizer (params, state, hyperparameters, step counts) and optionally its
 LR scheduler, in one NumPy .npz file, written atomically and read without pickle.
 
-Layout of the file (format version 1), every member a plain NumPy array:
+Layout of the file (format version 1), every member a plain NumPy array, stored (not
+compressed), so `np.load` reads it:
     format_version      int64 scalar
     meta                a JSON document (unicode array): the optimizer's class, its
                         param_groups (hyperparameters, params as indices), per-param shapes
@@ -10,39 +11,82 @@ Layout of the file (format version 1), every member a plain NumPy array:
     param/<i>           float32, parameter i in its shape
     state/<i>/<key>     float32, state buffer <key> of parameter i
 
-Writing goes to a temporary file in the same folder, which is flushed, fsynced and renamed
-over the target, so a crash mid-save leaves the previous checkpoint whole.  Reading checks
-every member's CRC, the structure, the shapes, the dtypes and the version, and only then
-changes the live optimizer (and scheduler); any problem is a ValueError naming it, and leaves
-both exactly as they were.  Nothing is ever unpickled.
+Saving streams every member from the optimizer's live arenas into the file, 16 MiB at a time
+(no copy of the params or the state is made; a ZeRO run gathers one state buffer at a time on
+rank 0, which writes).  It writes to a temporary file `.<name>.fastopt-<pid>-<random>.tmp` in
+the target's folder, which is flushed, fsynced and renamed over the target, so a crash
+mid-save leaves the previous checkpoint whole.  A save that was killed leaves its temporary
+behind; the next save to the same target removes every temporary of that target whose writer
+is gone: its pid is not a live process on this machine, and its lock (the writer holds an
+flock on it from creation until the rename) can be taken.  Each alone has a gap: a pid may be
+reused, and a file is created a moment before it is locked.  (O_TMPFILE and linkat would leave
+nothing behind, but linkat cannot replace an existing checkpoint, so a named temporary and a
+rename are needed anyway, and O_TMPFILE is Linux-only and not on every filesystem.)
+
+Loading goes over the open file three times, holding at most 8 MiB of it at once:
+  1. check: the zip's directory (each expected member exactly once and nothing else, stored or
+     deflated, not encrypted, its declared size the one its shape gives), the format version,
+     the meta document (at most 1 MiB + 1 KiB a param and a group, in characters), every
+     structure check, the hyperparameters, the scheduler's state, and each member's .npy
+     header (float32, the expected shape, C order), all before any array data is read;
+  2. verify: every member is read through once and its CRC checked (nothing is kept);
+  3. copy: the data is streamed into the params and the state arenas (a ZeRO rank fills its
+     shard of the state).
+Any problem in 1 or 2 is a ValueError naming it, and neither the optimizer nor the scheduler
+has changed.  Step 3 reads from the same open file what step 2 verified; only an I/O error or
+an overwrite in place between the two (a save renames a new file, which does not) could fail
+it, leaving the optimizer part-loaded.  Nothing is ever unpickled.
+
+Memory, beyond the optimizer's own arenas (params, grads, state): save, a 16 MiB chunk (ZeRO:
+one full state buffer on rank 0, nothing on the other ranks); load, an 8 MiB chunk (an
+optimizer that has not stepped allocates its state arenas, as its first step would).
+bench/checkpoint_memory.py measures it.
 """
+import contextlib
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 import zipfile
 import zlib
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the pid alone decides
+    fcntl = None
+
 FORMAT_VERSION = 1
+_CHUNK = 8 << 20            # bytes read at a time when loading
+_HEADER_BYTES = 1 << 16     # a .npy header is at most this long (NumPy's own limit is 10000)
+_META_CHARS = 1 << 20       # meta: this many characters, plus _META_CHARS_EACH a param and group
+_META_CHARS_EACH = 1 << 10
 
 
 def save(path, optimizer, scheduler=None):
-    """Write `optimizer` (and `scheduler`) to `path` (.npz), atomically."""
-    path = os.fspath(path)
-    sd = optimizer.state_dict()
+    """Write `optimizer` (and `scheduler`) to `path` (.npz), atomically.  The optimizer is
+    held meanwhile (Optimizer.exclusive): a step from another thread is refused, so the file
+    holds one step's params and state."""
+    with optimizer.exclusive("save"):
+        _save(os.fspath(path), optimizer, scheduler)
+
+
+def _save(path, optimizer, scheduler):
+    outline = optimizer.state_outline()
     meta = {
         "class": _kind(optimizer),
-        "param_groups": sd["param_groups"],
+        "param_groups": outline["param_groups"],
         "shapes": [list(s) for s in optimizer.layout.shapes],
         "names": optimizer.layout.names,
         "steps": optimizer.step_counts,
         "state_keys": {str(k): sorted(key for key, x in v.items() if isinstance(x, np.ndarray))
-                       for k, v in sd["state"].items()},
+                       for k, v in outline["state"].items()},
         "counters": {str(k): {key: x for key, x in v.items()
                               if key != "step" and not isinstance(x, np.ndarray)}
-                     for k, v in sd["state"].items()},
+                     for k, v in outline["state"].items()},
         "skipped_steps": optimizer.skipped_steps,
         "scheduler": None if scheduler is None else {
             "class": type(scheduler).__name__, "state": scheduler.state_dict()},
@@ -52,24 +96,41 @@ def save(path, optimizer, scheduler=None):
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint: cannot store the hyperparameters or scheduler state as "
                          f"JSON ({e})") from None
-    arrays = {"format_version": np.array(FORMAT_VERSION, np.int64), "meta": np.array(text)}
-    for i, p in enumerate(optimizer.layout.params):
-        arrays[f"param/{i}"] = p
-    for i, entry in sd["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, np.ndarray):
-                arrays[f"state/{i}/{key}"] = value
+    buffers = optimizer.state_buffers()
+    try:
+        # a sharded optimizer's other ranks only take part in the gathers
+        if getattr(optimizer, "writes_checkpoints", True):
+            _write(path, optimizer.layout, outline["state"], text, buffers)
+    finally:
+        for _ in buffers:     # every gather, also after a failure here: no rank is left waiting
+            pass
 
-    if not getattr(optimizer, "writes_checkpoints", True):
-        return      # a sharded optimizer's other ranks: rank 0 writes what all gathered
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastopt-", suffix=".npz.tmp", dir=folder)
+
+def _write(path, layout, state, text, buffers):
+    folder, name = os.path.split(os.path.abspath(path))
+    _remove_stale_temporaries(folder, name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.fastopt-{os.getpid()}-", suffix=".tmp",
+                               dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)     # held until the rename: see above
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                _put(z, "format_version", np.array(FORMAT_VERSION, np.int64))
+                _put(z, "meta", np.array(text))
+                for i, p in enumerate(layout.params):
+                    _put(z, f"param/{i}", p)
+                for key, flat in buffers:
+                    for i, entry in state.items():
+                        if key in entry:
+                            _put(z, f"state/{i}/{key}", layout.view(flat, i))
+                    del flat        # before the next buffer is gathered
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:
+                os.replace(tmp, path)
+        if fcntl is None:
+            os.replace(tmp, path)   # pragma: no cover - where an open file cannot be renamed
     except BaseException:
         try:
             os.unlink(tmp)
@@ -79,105 +140,165 @@ def save(path, optimizer, scheduler=None):
     _fsync_dir(folder)
 
 
+def _put(z, name, a):
+    with z.open(name + ".npy", "w", force_zip64=True) as out:
+        np.lib.format.write_array(out, a, allow_pickle=False)
+
+
+def _remove_stale_temporaries(folder, name):
+    """Remove the temporaries of saves to `name` whose writers are gone (see the module's
+    docstring); a temporary a live writer holds is left alone."""
+    prefix = f".{name}.fastopt-"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for entry in names:
+        m = re.fullmatch(r"(\d+)-[a-z0-9_]+\.tmp", entry[len(prefix):]) \
+            if entry.startswith(prefix) else None
+        if m is None or _alive(int(m.group(1))):
+            continue
+        stale = os.path.join(folder, entry)
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(stale)
+        except OSError:
+            pass                    # locked by a live writer, or already gone
+        finally:
+            os.close(fd)
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True                 # perhaps another thread's save
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True                 # exists (another user's), or cannot tell: keep the file
+    return True
+
+
 def load(path, optimizer, scheduler=None):
     """Restore `optimizer` (and `scheduler`) from a checkpoint written by `save`.
 
-    Everything is read and checked first; on any problem a ValueError says what, and neither
-    the optimizer nor the scheduler has changed.
+    Everything is checked first, from the zip's directory and the arrays' headers, and every
+    member's CRC is verified; on any problem a ValueError says what, and neither the optimizer
+    nor the scheduler has changed.  Then the data is streamed into the arenas.
     """
-    path = os.fspath(path)
-    arrays = _read_members(path)
-    where = f"checkpoint {path!r}"
-    version = arrays.get("format_version")
-    if version is None or version.shape != () or version.dtype.kind not in "iu":
-        raise ValueError(f"{where}: no format_version; not a fastopt checkpoint")
-    if int(version) != FORMAT_VERSION:
-        raise ValueError(f"{where}: format version {int(version)}, this fastopt reads "
-                         f"{FORMAT_VERSION}")
-    meta = _read_meta(arrays, where)
-    if meta.get("class") != _kind(optimizer):
-        raise ValueError(f"{where} holds a {meta.get('class')!r} optimizer, not a "
-                         f"{_kind(optimizer)}")
+    with optimizer.exclusive("load"):
+        _load(os.fspath(path), optimizer, scheduler)
 
+
+def _load(path, optimizer, scheduler):
+    where = f"checkpoint {path!r}"
     layout = optimizer.layout
     shapes = [tuple(s) for s in layout.shapes]
-    saved_shapes = meta.get("shapes")
-    if not isinstance(saved_shapes, list) or [tuple(s) for s in saved_shapes
-                                               if isinstance(s, list)] != shapes:
-        raise ValueError(f"{where}: parameter shapes {saved_shapes} do not match the "
-                         f"optimizer's {[list(s) for s in shapes]}")
-    if meta.get("names") != layout.names:
-        raise ValueError(f"{where}: parameter names {meta.get('names')} do not match the "
-                         f"optimizer's {layout.names}")
-    params = []
-    for i, shape in enumerate(shapes):
-        a = _member(arrays, f"param/{i}", where)
-        if a.shape != shape:
-            raise ValueError(f"{where}: param/{i} has shape {a.shape}, expected {shape}")
-        params.append(a)
+    with _Reader(path, where) as r:
+        if "format_version" not in r.members:
+            raise ValueError(f"{where}: no format_version; not a fastopt checkpoint")
+        version = r.small("format_version", 8)
+        if version.shape != () or version.dtype.kind not in "iu":
+            raise ValueError(f"{where}: no format_version; not a fastopt checkpoint")
+        if int(version) != FORMAT_VERSION:
+            raise ValueError(f"{where}: format version {int(version)}, this fastopt reads "
+                             f"{FORMAT_VERSION}")
+        meta = _read_meta(r, where, _META_CHARS + _META_CHARS_EACH * (
+            len(shapes) + len(optimizer.param_groups)))
+        if meta.get("class") != _kind(optimizer):
+            raise ValueError(f"{where} holds a {meta.get('class')!r} optimizer, not a "
+                             f"{_kind(optimizer)}")
 
-    steps = meta.get("steps")
-    if not isinstance(steps, list) or len(steps) != len(optimizer.param_groups) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 2 ** 63 - 1
-            for s in steps):
-        raise ValueError(f"{where}: bad step counts {steps!r}")
-    state_keys = meta.get("state_keys")
-    if not isinstance(state_keys, dict):
-        raise ValueError(f"{where}: no state_keys table")
-    counters = meta.get("counters", {})
-    if not isinstance(counters, dict):
-        raise ValueError(f"{where}: bad counters table")
-    state = {}
-    owner = _group_of_each_param(meta.get("param_groups"), where)
-    for k, keys in state_keys.items():
-        if not (isinstance(k, str) and k.isdigit() and int(k) < len(shapes)) or not (
-                isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
-            raise ValueError(f"{where}: bad state_keys entry {k!r}: {keys!r}")
-        i = int(k)
-        entry = {key: _member(arrays, f"state/{i}/{key}", where) for key in keys}
-        if optimizer.family.has_step:
-            entry["step"] = steps[owner.get(i, 0)]
-        extra = counters.get(k, {})
-        if not isinstance(extra, dict) or set(extra) & set(entry):
-            raise ValueError(f"{where}: bad counters entry {k!r}: {extra!r}")
-        entry.update(extra)
-        state[i] = entry
-    expected = {"format_version", "meta"} | {f"param/{i}" for i in range(len(shapes))} | {
-        f"state/{i}/{key}" for i, keys in state_keys.items() for key in keys}
-    unexpected = sorted(set(arrays) - expected)
-    if unexpected:
-        raise ValueError(f"{where}: unexpected members {unexpected[:5]}")
-    skipped = meta.get("skipped_steps", 0)
-    if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
-        raise ValueError(f"{where}: bad skipped_steps {skipped!r}")
+        saved_shapes = meta.get("shapes")
+        if not isinstance(saved_shapes, list) or [tuple(s) for s in saved_shapes
+                                                   if isinstance(s, list)] != shapes:
+            raise ValueError(f"{where}: parameter shapes {saved_shapes} do not match the "
+                             f"optimizer's {[list(s) for s in shapes]}")
+        if meta.get("names") != layout.names:
+            raise ValueError(f"{where}: parameter names {meta.get('names')} do not match the "
+                             f"optimizer's {layout.names}")
+        steps = meta.get("steps")
+        if not isinstance(steps, list) or len(steps) != len(optimizer.param_groups) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= 2 ** 63 - 1
+                for s in steps):
+            raise ValueError(f"{where}: bad step counts {steps!r}")
+        state_keys = meta.get("state_keys")
+        if not isinstance(state_keys, dict):
+            raise ValueError(f"{where}: no state_keys table")
+        counters = meta.get("counters", {})
+        if not isinstance(counters, dict):
+            raise ValueError(f"{where}: bad counters table")
 
-    # The optimizer's own checks of structure, hyperparameters, keys, shapes and dtypes.
-    try:
-        new_state = optimizer.check_state_dict(
-            {"state": state, "param_groups": meta.get("param_groups")})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
-    for i, gs in enumerate(new_state):
-        if gs.buffers and optimizer.family.has_step and gs.step != steps[i]:
-            raise ValueError(f"{where}: step counts disagree for group {i}")
+        # The members this optimizer expects, and their shapes; the state stands in for its
+        # arrays with stand-ins that hold no memory, for the optimizer's own checks.
+        expected = {f"param/{i}": shape for i, shape in enumerate(shapes)}
+        state = {}
+        owner = _group_of_each_param(meta.get("param_groups"), where)
+        for k, keys in state_keys.items():
+            if not (isinstance(k, str) and k.isdigit() and int(k) < len(shapes)) or not (
+                    isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
+                raise ValueError(f"{where}: bad state_keys entry {k!r}: {keys!r}")
+            i = int(k)
+            entry = {}
+            for key in keys:
+                expected[f"state/{i}/{key}"] = shapes[i]
+                entry[key] = np.broadcast_to(np.float32(0), shapes[i])
+            if optimizer.family.has_step:
+                entry["step"] = steps[owner.get(i, 0)]
+            extra = counters.get(k, {})
+            if not isinstance(extra, dict) or set(extra) & set(entry):
+                raise ValueError(f"{where}: bad counters entry {k!r}: {extra!r}")
+            entry.update(extra)
+            state[i] = entry
+        missing = [name for name in expected if name not in r.members]
+        if missing:
+            raise ValueError(f"{where}: missing member {missing[0]!r}")
+        unexpected = sorted(set(r.members) - set(expected) - {"format_version", "meta"})
+        if unexpected:
+            raise ValueError(f"{where}: unexpected members {unexpected[:5]}")
+        for name, shape in expected.items():
+            r.check_array(name, shape)
+        skipped = meta.get("skipped_steps", 0)
+        if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
+            raise ValueError(f"{where}: bad skipped_steps {skipped!r}")
 
-    sched_meta = meta.get("scheduler")
-    if (scheduler is None) != (sched_meta is None):
-        raise ValueError(f"{where}: " + ("holds no scheduler state" if scheduler is not None
-                                         else "holds scheduler state; pass the scheduler"))
-    if scheduler is not None:
-        if not isinstance(sched_meta, dict) or sched_meta.get("class") != type(scheduler).__name__:
-            raise ValueError(f"{where}: holds a {sched_meta!r} scheduler, not a "
-                             f"{type(scheduler).__name__}")
-        _check_scheduler_state(scheduler, sched_meta.get("state"), where)
+        # The optimizer's own checks of structure, hyperparameters, keys, shapes and dtypes.
+        try:
+            new_state = optimizer.check_state_dict(
+                {"state": state, "param_groups": meta.get("param_groups")})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        for i, gs in enumerate(new_state):
+            if gs.buffers and optimizer.family.has_step and gs.step != steps[i]:
+                raise ValueError(f"{where}: step counts disagree for group {i}")
 
-    # Everything is checked: now change the live objects.
-    for view, a in zip(layout.params, params):
-        view[...] = a
-    optimizer.apply_state(new_state, steps)
-    optimizer.skipped_steps = skipped
-    if scheduler is not None:
-        scheduler.load_state_dict(sched_meta["state"])
+        sched_meta = meta.get("scheduler")
+        if (scheduler is None) != (sched_meta is None):
+            raise ValueError(f"{where}: " + ("holds no scheduler state" if scheduler is not None
+                                             else "holds scheduler state; pass the scheduler"))
+        if scheduler is not None:
+            if not isinstance(sched_meta, dict) or \
+                    sched_meta.get("class") != type(scheduler).__name__:
+                raise ValueError(f"{where}: holds a {sched_meta!r} scheduler, not a "
+                                 f"{type(scheduler).__name__}")
+            _check_scheduler_state(scheduler, sched_meta.get("state"), where)
+
+        r.verify()
+
+        # Everything is checked: now change the live objects.
+        for i, view in enumerate(layout.params):
+            r.read_into(f"param/{i}", view.reshape(-1), 0)
+        optimizer.apply_state(new_state, steps, fill=lambda key, k, out, start: r.read_into(
+            f"state/{k}/{key}", out, start))
+        optimizer.skipped_steps = skipped
+        if scheduler is not None:
+            scheduler.load_state_dict(sched_meta["state"])
 
 
 def _kind(optimizer):
@@ -188,47 +309,159 @@ def _kind(optimizer):
 
 # ---- reading, with every failure turned into a ValueError that says what -----------------
 
-def _read_members(path):
-    where = f"checkpoint {path!r}"
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()          # reads every member and checks its CRC
-        if bad is not None:
-            raise ValueError(f"{where}: member {bad!r} is corrupted (CRC mismatch)")
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except ValueError as e:
-        if str(e).startswith(where):
+class _Reader:
+    """A checkpoint's zip, open for reading: its members by name (without '.npy'), checked
+    from the directory alone; reads that never hold more than _CHUNK bytes of a member."""
+
+    def __init__(self, path, where):
+        self.where = where
+        self.offsets = {}       # member -> bytes of its .npy header (where its data starts)
+        try:
+            self.file = open(path, "rb")
+        except FileNotFoundError:
             raise
-        raise ValueError(f"{where}: unreadable ({e})") from None
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError,
-            UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not a valid .npz checkpoint, truncated or corrupted "
-                         f"({type(e).__name__}: {e})") from None
+        except OSError as e:
+            raise ValueError(f"{where}: cannot be read ({type(e).__name__}: {e})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(self.file.fileno()).st_mode):
+                raise ValueError(f"{where}: not a regular file")
+            with self.errors():
+                self.zip = zipfile.ZipFile(self.file)
+            self.members = self._directory()
+        except BaseException:
+            self.file.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.zip.close()
+        self.file.close()
+
+    @contextlib.contextmanager
+    def errors(self):
+        try:
+            yield
+        except zipfile.BadZipFile as e:
+            # zipfile checks a member's CRC when a read reaches its end, which may be the
+            # read-ahead of a small member's header
+            crc = re.fullmatch(r"Bad CRC-32 for file (.*)", str(e))
+            if crc is not None:
+                raise ValueError(f"{self.where}: member {crc.group(1)} is corrupted (CRC "
+                                 "mismatch)") from None
+            raise ValueError(f"{self.where}: not a valid .npz checkpoint, truncated or "
+                             f"corrupted (BadZipFile: {e})") from None
+        except (zlib.error, EOFError, OSError, KeyError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.where}: not a valid .npz checkpoint, truncated or "
+                             f"corrupted ({type(e).__name__}: {e})") from None
+
+    def _directory(self):
+        where, members, seen = self.where, {}, set()
+        for info in self.zip.infolist():
+            raw = info.filename
+            if raw in seen:
+                raise ValueError(f"{where}: member {raw!r} appears twice in the zip")
+            seen.add(raw)
+            if info.flag_bits & 0x1:
+                raise ValueError(f"{where}: member {raw!r} is encrypted")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ValueError(f"{where}: member {raw!r} uses compression method "
+                                 f"{info.compress_type}; a checkpoint's members are stored "
+                                 "or deflated")
+            name = raw[:-4] if raw.endswith(".npy") else raw
+            if name in members:
+                raise ValueError(f"{where}: member {name!r} appears twice in the zip")
+            members[name] = info
+        return members
+
+    def header(self, name, most):
+        """(shape, fortran_order, dtype) of member `name`'s .npy header, refused unless the
+        zip declares at most `most` bytes of array data for it; nothing else is read."""
+        where, info = self.where, self.members[name]
+        if info.file_size > most + _HEADER_BYTES:
+            raise ValueError(f"{where}: member {name} declares {info.file_size} bytes, but "
+                             f"may hold at most {most} bytes of data (and a header)")
+        with self.errors(), self.zip.open(info) as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f".npy format version {version}")
+            except ValueError as e:
+                raise ValueError(f"{where}: member {name} is not a readable .npy array "
+                                 f"({e})") from None
+            self.offsets[name] = f.tell()
+        if dtype.hasobject:
+            raise ValueError(f"{where}: {name} holds Python objects (a pickle), which are "
+                             "never loaded")
+        return shape, fortran, dtype
+
+    def check_array(self, name, shape):
+        """Member `name` must be a C-order float32 array of `shape`, and the zip must declare
+        exactly its header and data."""
+        where = self.where
+        n = math.prod(shape)
+        got, fortran, dtype = self.header(name, 4 * n)
+        if dtype != np.float32:
+            raise ValueError(f"{where}: {name} has dtype {dtype}, expected float32")
+        if got != shape:
+            raise ValueError(f"{where}: {name} has shape {got}, expected {shape}")
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{where}: {name} is in Fortran order; checkpoints are C order")
+        size = self.members[name].file_size
+        if size != self.offsets[name] + 4 * n:
+            raise ValueError(f"{where}: member {name} declares {size} bytes, its header and "
+                             f"shape give {self.offsets[name] + 4 * n}")
+
+    def small(self, name, most):
+        """Member `name` read whole, after its header says it is at most `most` bytes."""
+        shape, _, dtype = self.header(name, most)
+        if math.prod(shape) * dtype.itemsize > most:
+            raise ValueError(f"{self.where}: member {name} holds {shape} of {dtype}, more "
+                             f"than the {most} bytes it may have")
+        with self.errors(), self.zip.open(self.members[name]) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+
+    def verify(self):
+        """Read every member through, checking its CRC; nothing is kept."""
+        for info in self.members.values():
+            with self.errors(), self.zip.open(info) as f:
+                while f.read(_CHUNK):
+                    pass
+
+    def read_into(self, name, out, start):
+        """Elements [start, start + out.size) of member `name`'s data into `out` (1-D,
+        contiguous float32)."""
+        buf = memoryview(out).cast("B")
+        with self.errors(), self.zip.open(self.members[name]) as f:
+            f.seek(self.offsets[name] + 4 * start)
+            pos = 0
+            while pos < len(buf):
+                got = f.readinto(buf[pos:pos + _CHUNK])
+                if not got:
+                    raise EOFError(f"member {name} ended early")
+                pos += got
 
 
-def _read_meta(arrays, where):
-    m = arrays.get("meta")
-    if m is None or m.shape != () or m.dtype.kind != "U":
+def _read_meta(r, where, most_chars):
+    if "meta" not in r.members:
+        raise ValueError(f"{where}: no meta document")
+    m = r.small("meta", 4 * most_chars)
+    if m.shape != () or m.dtype.kind != "U":
         raise ValueError(f"{where}: no meta document")
     try:
         meta = json.loads(str(m[()]), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError(f"{where}: meta is nested too deeply to be a checkpoint's") from None
     except ValueError as e:
         raise ValueError(f"{where}: meta is not valid JSON ({e})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: meta is not a JSON object")
     return meta
-
-
-def _member(arrays, name, where):
-    a = arrays.get(name)
-    if a is None:
-        raise ValueError(f"{where}: missing member {name!r}")
-    if a.dtype != np.float32:
-        raise ValueError(f"{where}: {name} has dtype {a.dtype}, expected float32")
-    return a
 
 
 def _group_of_each_param(groups, where):

@@ -192,6 +192,22 @@ class _Zero:
                 full[key] = out
         return full
 
+    def state_buffers(self):
+        """Each state buffer gathered in turn to rank 0, the rank that writes checkpoints (a
+        collective: every rank iterates to the end); the other ranks get None and hold nothing
+        beyond their shards."""
+        MPI = _mpi()
+        counts = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
+        displs = self._bounds[:-1]
+        root = self.comm.Get_rank() == 0
+        for key in self.family.buffer_names:           # the same keys on every rank
+            if key in self._state:
+                out = np.empty(self.flat_params.size, np.float32) if root else None
+                self.comm.Gatherv(self._state[key],
+                                  [out, counts, displs, MPI.FLOAT] if root else None, root=0)
+                yield key, out
+                out = None          # before the next one is gathered
+
     @property
     def state(self):
         """Gathered copies (a collective); a shard's state is not a view into one arena."""
@@ -208,10 +224,13 @@ class _Zero:
         return super().step(closure, zero_grad=zero_grad, grad_multiplier=grad_multiplier)
 
     def save(self, path, scheduler=None):
-        """Gathers the state (every rank must call it); rank 0 writes one single-process
-        checkpoint, which resumes on any number of ranks or on one process."""
-        super().save(path, scheduler)
-        self.comm.Barrier()
+        """Gathers the state one buffer at a time to rank 0 (every rank must call it), which
+        writes one single-process checkpoint; it resumes on any number of ranks or on one
+        process.  Rank 0 holds one full state buffer at a time, the others nothing more."""
+        try:
+            super().save(path, scheduler)
+        finally:
+            self.comm.Barrier()     # also when rank 0 failed to write: no rank is left waiting
 
 
 _ZERO_CLASSES = {}

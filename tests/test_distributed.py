@@ -27,6 +27,10 @@ CASES = {
             "single-process one; each rank holds half the state",
     "zero_resume": "a 2-rank checkpoint resumes on 1 process and on 2 ranks, and a 1-process "
                    "checkpoint on 2 ranks, all bit-identical",
+    "zero_checkpoint_memory": "ZeRO's save holds about one full state buffer extra on rank 0 "
+                              "and none on rank 1; load none on either",
+    "zero_save_failure": "rank 0 failing to write a ZeRO checkpoint raises there and leaves "
+                         "no rank waiting",
     "layout_mismatch": "different models on the ranks: a ValueError on every rank, no hang",
     "size_one": "a communicator of size 1: both wrappers are the plain optimizer",
     "every_class": "every optimizer class (with all its state buffers) under DataParallel and "
