@@ -184,6 +184,20 @@ class Optimizer:
         loss = None
         if closure is not None:
             loss = closure()
+        stepped = self.apply_step(*self.check_step(zero_grad, grad_multiplier, max_grad_norm,
+                                                   norm_type))
+        return loss if closure is not None else stepped
+
+    def check_step(self, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+                   norm_type=2.0):
+        """The first half of step(): check its arguments and the hyperparameters of every group
+        whose dict changed since the last step, without changing anything -> (zero_grad,
+        grad_multiplier, max_grad_norm, norm_type, changed), what `apply_step` takes: the
+        arguments normalized, and `changed`, None when no group's hyperparameters changed.
+
+        A distributed wrapper calls it before any collective, so that a bad value raises before
+        the gradients are reduced, then `apply_step`; nothing is checked twice.
+        """
         if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
             grad_multiplier = V.real("grad_multiplier", grad_multiplier, lo=0.0)
         if zero_grad is not False:
@@ -196,6 +210,12 @@ class Optimizer:
             if snapshot(group) != seen[i]:
                 changed = self._changed_groups()       # may raise: nothing has changed yet
                 break
+        return zero_grad, grad_multiplier, max_grad_norm, norm_type, changed
+
+    def apply_step(self, zero_grad, grad_multiplier, max_grad_norm, norm_type, changed):
+        """The second half of step(): the update `check_step` accepted (its values, unchanged
+        but for grad_multiplier, which a wrapper may scale) -> False if skip_nonfinite skipped
+        it, else True."""
         if max_grad_norm is not None or self.skip_nonfinite:
             total, nonfinite = self._backend.grad_norm(
                 self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
@@ -205,7 +225,7 @@ class Optimizer:
                 self.skipped_steps += 1
                 if zero_grad:
                     self.flat_grads.fill(0.0)
-                return loss if closure is not None else False
+                return False
             if max_grad_norm is not None:
                 coef = clip_coefficient(total, max_grad_norm)
                 if coef != 1.0:
@@ -219,7 +239,7 @@ class Optimizer:
             steps[i] += 1
         if self._fresh_pending or derived is not None:
             self._advance(derived)
-        return loss if closure is not None else True
+        return True
 
     def state_dict(self):
         """torch-shaped: {'state': {index: {...}}, 'param_groups': [{..., 'params': [index]}]}.
