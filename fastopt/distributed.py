@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 
-from fastopt import _validate as V
 from fastopt._arena import aligned_zeros
 from fastopt._optimizer import Optimizer
 
@@ -73,11 +72,14 @@ class DataParallel:
 
     DataParallel(opt, comm=None, bucket_elements=None): `comm` defaults to MPI.COMM_WORLD.
     Construction checks that every rank has the same arena layout and broadcasts rank 0's
-    params.  `step()` sums the gradient arena across ranks in place with one Allreduce (or one
-    per bucket of `bucket_elements`, to overlap less memory with MPI's internal buffers), then
-    runs the fused step with the 1/size averaging folded into its grad_multiplier (no extra
-    pass).  `last_step_seconds` splits the last step into {"comm": ..., "compute": ...}.  Everything else (params, grads, param_groups, zero_grad, state_dict, ...) is the
-    wrapped optimizer's.  With a communicator of size 1 no collective runs.
+    params.  `step()` first checks its arguments and hyperparameters (the wrapped optimizer's
+    check_step), so that a bad value raises before the gradients are touched; then it sums the
+    gradient arena across ranks in place with one Allreduce (or one per bucket of
+    `bucket_elements`, to overlap less memory with MPI's internal buffers), and runs the fused
+    step (apply_step) with the 1/size averaging folded into its grad_multiplier (no extra
+    pass).  `last_step_seconds` splits the last step into {"comm": ..., "compute": ...}.
+    Everything else (params, grads, param_groups, zero_grad, state_dict, ...) is the wrapped
+    optimizer's.  With a communicator of size 1 no collective runs.
     """
 
     def __init__(self, opt, comm=None, bucket_elements=None):
@@ -107,19 +109,22 @@ class DataParallel:
         for lo in range(0, g.size, step):
             self.comm.Allreduce(MPI.IN_PLACE, g[lo:lo + step], op=MPI.SUM)
 
-    def step(self, closure=None, *, grad_multiplier=1.0, **kw):
+    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+             norm_type=2.0):
         """Average the gradients over the ranks, then the wrapped optimizer's step (same
-        arguments; `last_grad_norm` and clipping then see the averaged gradients)."""
+        arguments; `last_grad_norm` and clipping then see the averaged gradients).  Every
+        argument and hyperparameter is checked before the Allreduce: on a bad value (the same
+        on every rank) every rank raises and nothing has changed."""
         loss = closure() if closure is not None else None
+        zero_grad, m, max_grad_norm, norm_type, changed = self.optimizer.check_step(
+            zero_grad, grad_multiplier, max_grad_norm, norm_type)
         size = self.comm.Get_size()
-        # validate before the collective, so a bad value fails on every rank alike
-        m = V.real("grad_multiplier", grad_multiplier, lo=0.0)
         t0 = time.perf_counter()
         self.allreduce_grads()
         t1 = time.perf_counter()
         if size > 1:
             m = float(np.float32(m) * np.float32(1.0 / size)) if m != 1.0 else 1.0 / size
-        result = self.optimizer.step(grad_multiplier=m, **kw)
+        result = self.optimizer.apply_step(zero_grad, m, max_grad_norm, norm_type, changed)
         self.last_step_seconds = {"comm": t1 - t0, "compute": time.perf_counter() - t1}
         return loss if closure is not None else result
 
@@ -197,15 +202,18 @@ class _Zero:
         """Gathered copies (a collective); a shard's state is not a view into one arena."""
         return self._collect_state(copy=True)
 
-    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
-             norm_type=2.0):
-        """Reduce_scatter the gradients, one fused step on this rank's shard, Allgather the
-        params.  Clipping and skip_nonfinite need the norm of all shards and are not offered
-        here: clip with DataParallel, or before the step."""
+    def check_step(self, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+                   norm_type=2.0):
+        """Optimizer.check_step, which runs before the Reduce_scatter.  Clipping and
+        skip_nonfinite need the norm of all shards and are not offered here: clip with
+        DataParallel, or before the step."""
         if max_grad_norm is not None:
             raise ValueError("max_grad_norm is not supported by ZeroRedundancyOptimizer; "
                              "use DataParallel for clipping inside the step")
-        return super().step(closure, zero_grad=zero_grad, grad_multiplier=grad_multiplier)
+        if self.skip_nonfinite:
+            raise ValueError("skip_nonfinite is not supported by ZeroRedundancyOptimizer: "
+                             "each rank sees only its own shard's reduced gradients")
+        return super().check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
 
     def save(self, path, scheduler=None):
         """Gathers the state (every rank must call it); rank 0 writes one single-process

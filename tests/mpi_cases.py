@@ -210,6 +210,60 @@ def case_every_class():
                         else got == value), (cls, i, key)
 
 
+def raises(kind, call, *words):
+    """call() raises `kind` on this rank, with every word in its message."""
+    try:
+        call()
+    except kind as e:
+        for w in words:
+            assert w in str(e), (w, str(e))
+    else:
+        raise AssertionError(f"no {kind.__name__} (expected {words})")
+
+
+def sgd_wrappers():
+    """Both wrappers on SGD with momentum (linear in the gradients: a double sum shows)."""
+    yield DataParallel(fastopt.SGD(groups(params()), momentum=0.9))
+    yield ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.SGD, momentum=0.9)
+
+
+def stepped_once_by_one_process(steps=1):
+    one = fastopt.SGD(groups(params()), momentum=0.9)
+    for t in range(steps):
+        for view, g in zip(one.grads, averaged(t)):
+            view[...] = g
+        one.step()
+    return one
+
+
+def case_bad_step_arguments():
+    """A bad argument or group hyperparameter raises on every rank before the gradients are
+    reduced: the gradients are still this rank's own, and the next step sums them once."""
+    for opt in sgd_wrappers():
+        zero = not isinstance(opt, DataParallel)
+        feed(opt, 0)
+        own = opt.flat_grads.copy()
+        bad = [(ValueError, dict(max_grad_norm=-1.0), "max_grad_norm"),
+               (ValueError, dict(grad_multiplier=-1.0), "grad_multiplier"),
+               (TypeError, dict(zero_grad=1), "zero_grad")]
+        if not zero:
+            bad.append((ValueError, dict(max_grad_norm=1.0, norm_type=0), "norm_type"))
+        for kind, kw, word in bad:
+            raises(kind, lambda: opt.step(**kw), word)
+            assert bitwise(opt.flat_grads, own), f"{kw}: the gradients were reduced"
+        if zero:            # each rank would skip on its own shard's norm
+            opt.skip_nonfinite = True
+            raises(ValueError, opt.step, "skip_nonfinite is not supported")
+            opt.skip_nonfinite = False
+        opt.param_groups[0]["lr"] = -1.0
+        raises(ValueError, opt.step, "param_groups[0].lr")
+        assert bitwise(opt.flat_grads, own), "bad lr: the gradients were reduced"
+        opt.param_groups[0]["lr"] = 1e-3
+        opt.step()
+        assert bitwise(opt.flat_params, stepped_once_by_one_process().flat_params), \
+            f"{type(opt).__name__}: a failed step changed the next one"
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     globals()["case_" + name]()

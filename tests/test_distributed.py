@@ -31,6 +31,8 @@ CASES = {
     "size_one": "a communicator of size 1: both wrappers are the plain optimizer",
     "every_class": "every optimizer class (with all its state buffers) under DataParallel and "
                    "ZeRO-1 on 2 ranks equals one process bit for bit, gathered state included",
+    "bad_step_arguments": "a bad step argument or group lr raises on both ranks before the "
+                          "gradients are reduced; the next step sums them once",
 }
 
 
