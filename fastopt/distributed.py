@@ -82,7 +82,10 @@ def hyperparameters(opt):
 
 
 def _plain(v):
-    if isinstance(v, (list, tuple)):
+    t = type(v)
+    if t is float or t is bool:                 # the common cases first: the ABC check is slow
+        return v
+    if t is list or t is tuple:
         return tuple(_plain(x) for x in v)
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
@@ -120,11 +123,19 @@ class _StepCheck:
     changed: a rank that changed an lr alone would otherwise wait in a collective the others
     never call.  The hyperparameters' digest is recomputed only when `check_step` reports a
     changed group, so a constant step costs the Allgather and one tuple hash.
+
+    The hashes are Python's hash() of tuples of floats, ints and bools (the values check_step
+    accepted, as plain Python values), which is the same in every process, unlike a str's.
+    Two different settings could share a hash only by a deliberate choice of values (floats
+    congruent modulo 2**61 - 1); sha256 of their repr would rule that out, at about four times
+    the cost on every step where an lr changes (11 us against 3 us, measured on a loaded
+    machine, for one AdamW group).
     """
 
     def __init__(self, comm, opt, what):
         self.comm, self.opt, self.what = comm, opt, what
         self.size = comm.Get_size()
+        self.keys = opt.spec.group_keys()
         self.digest = None          # of the hyperparameters this rank's optimizer accepted
         self._mine = np.zeros(2, np.int64)
         self._all = np.zeros((self.size, 2), np.int64)
@@ -145,7 +156,8 @@ class _StepCheck:
             checked = opt.check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
             _, m, max_norm, norm_type, changed = checked
             if changed is not None or self.digest is None:
-                self.digest = _hash(hyperparameters(opt))
+                self.digest = hash(tuple(tuple(_plain(g[k]) for k in self.keys)
+                                         for g in opt.param_groups))
             code = hash((self.digest, opt.skip_nonfinite, m,
                          -1.0 if max_norm is None else max_norm,
                          0.0 if max_norm is None else norm_type, *opt.step_counts))
@@ -184,12 +196,6 @@ class _StepCheck:
     def forget(self):
         """After a step that failed past the check: recompute the digest on the next one."""
         self.digest = None
-
-
-def _hash(settings):
-    """A hash of `settings` that is the same in every process (Python's str hash is not)."""
-    return int.from_bytes(hashlib.sha256(repr(settings).encode()).digest()[:8], "little",
-                          signed=True)
 
 
 def _kind(opt):
