@@ -316,8 +316,9 @@ def case_settings_differ_at_construction():
 
 
 def case_hyperparameter_changes_on_one_rank():
-    """Rank 1 alone changes an lr before step 3: every rank raises at that step, naming it,
-    before the gradients are reduced; set back, the run equals one process bit for bit."""
+    """Rank 1 alone changes an lr before step 3 (then steps with another grad_multiplier or
+    max_grad_norm at step 4): every rank raises at that step, naming it, before the gradients
+    are reduced; set back, the run equals one process bit for bit."""
     for opt in (DataParallel(fastopt.AdamW(groups(params()), amsgrad=True)),
                 ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.AdamW,
                                         amsgrad=True)):
@@ -331,6 +332,12 @@ def case_hyperparameter_changes_on_one_rank():
                        "param_groups[1].lr is 0.003 on rank 0 but 0.1 on rank(s) [1]")
                 assert bitwise(opt.flat_grads, own), "the gradients were reduced"
                 opt.param_groups[1]["lr"] = 3e-3
+            if t == 4:              # the step's arguments too
+                raises(ValueError, lambda: opt.step(grad_multiplier=1.0 + rank),
+                       "grad_multiplier is 1.0 on rank 0 but 2.0 on rank(s) [1]")
+                if isinstance(opt, DataParallel):
+                    raises(ValueError, lambda: opt.step(max_grad_norm=1.0 + rank),
+                           "max_grad_norm is 1.0 on rank 0 but 2.0 on rank(s) [1]")
             opt.step()
         ref = single_process((0, 6))
         assert bitwise(opt.flat_params, ref.flat_params), f"{type(opt).__name__} != one process"
