@@ -238,7 +238,8 @@ def _one_edit(a, b):
     while i < min(len(a), len(b)) and a[i] == b[i]:
         i += 1
     if len(a) == len(b):
-        return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:] and a[i:i + 2] == b[i:i + 2][::-1])
+        return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:]
+                                          and a[i:i + 2] == b[i:i + 2][::-1])
     return a[i + 1:] == b[i:] if len(a) > len(b) else a[i:] == b[i + 1:]
 
 

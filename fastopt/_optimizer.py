@@ -227,48 +227,72 @@ class Optimizer:
             loss = None
             if closure is not None:
                 loss = closure()
-            if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
-                grad_multiplier = V.grad_multiplier(grad_multiplier)
-            if zero_grad is not False:
-                zero_grad = V.flag("zero_grad", zero_grad)
-            if max_grad_norm is not None:
-                max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
-                norm_type = norm_type_arg(norm_type)
-            snapshot, seen, changed = self._snapshot, self._seen, None
-            for i, group in enumerate(self.param_groups):
-                try:                                        # _same, inlined: the hot path
-                    same = snapshot(group) == seen[i]
-                except (KeyError, TypeError, ValueError):
-                    same = False
-                if not same:
-                    changed = self._changed_groups()       # may raise: nothing has changed yet
-                    break
-            if max_grad_norm is not None or self.skip_nonfinite:
-                total, nonfinite = self._backend.grad_norm(
-                    self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
-                total *= grad_multiplier
-                self.last_grad_norm = total
-                if nonfinite and self.skip_nonfinite:
-                    self.skipped_steps += 1
-                    if zero_grad:
-                        self.flat_grads.fill(0.0)
-                    return loss if closure is not None else False
-                if max_grad_norm is not None:
-                    coef = clip_coefficient(total, max_grad_norm)
-                    if coef != 1.0:
-                        grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
-            if changed:
-                self._refresh(changed)
-            derived = self._derive() if self._derive_pending else None
-            self._run(grad_multiplier, zero_grad)
-            steps = self._steps
-            for i in range(len(steps)):
-                steps[i] += 1
-            if self._fresh_pending or derived is not None:
-                self._advance(derived)
-            return loss if closure is not None else True
+            # unpacked and passed by position: a third cheaper than apply_step(*check_step(..))
+            zero_grad, grad_multiplier, max_grad_norm, norm_type, changed = self.check_step(
+                zero_grad, grad_multiplier, max_grad_norm, norm_type)
+            stepped = self.apply_step(zero_grad, grad_multiplier, max_grad_norm, norm_type,
+                                      changed)
+            return loss if closure is not None else stepped
         finally:
             lock.release()
+
+    def check_step(self, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+                   norm_type=2.0):
+        """The first half of step(): check its arguments and the hyperparameters of every group
+        whose dict changed since the last step, without changing anything -> (zero_grad,
+        grad_multiplier, max_grad_norm, norm_type, changed), what `apply_step` takes: the
+        arguments normalized, and `changed`, None when no group's hyperparameters changed.
+
+        A distributed wrapper calls it before any collective, so that a bad value raises before
+        the gradients are reduced, then `apply_step`; nothing is checked twice.  The caller
+        holds the optimizer (`exclusive("step")`) from check_step to the end of apply_step.
+        """
+        if grad_multiplier != 1.0 or type(grad_multiplier) is not float:
+            grad_multiplier = V.grad_multiplier(grad_multiplier)
+        if zero_grad is not False:
+            zero_grad = V.flag("zero_grad", zero_grad)
+        if max_grad_norm is not None:
+            max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
+            norm_type = norm_type_arg(norm_type)
+        snapshot, seen, changed = self._snapshot, self._seen, None
+        for i, group in enumerate(self.param_groups):
+            try:                                        # _same, inlined: the hot path
+                same = snapshot(group) == seen[i]
+            except (KeyError, TypeError, ValueError):
+                same = False
+            if not same:
+                changed = self._changed_groups()       # may raise: nothing has changed yet
+                break
+        return zero_grad, grad_multiplier, max_grad_norm, norm_type, changed
+
+    def apply_step(self, zero_grad, grad_multiplier, max_grad_norm, norm_type, changed):
+        """The second half of step(): the update `check_step` accepted (its values, unchanged
+        but for grad_multiplier, which a wrapper may scale) -> False if skip_nonfinite skipped
+        it, else True."""
+        if max_grad_norm is not None or self.skip_nonfinite:
+            total, nonfinite = self._backend.grad_norm(
+                self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
+            total *= grad_multiplier
+            self.last_grad_norm = total
+            if nonfinite and self.skip_nonfinite:
+                self.skipped_steps += 1
+                if zero_grad:
+                    self.flat_grads.fill(0.0)
+                return False
+            if max_grad_norm is not None:
+                coef = clip_coefficient(total, max_grad_norm)
+                if coef != 1.0:
+                    grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
+        if changed:
+            self._refresh(changed)
+        derived = self._derive() if self._derive_pending else None
+        self._run(grad_multiplier, zero_grad)
+        steps = self._steps
+        for i in range(len(steps)):
+            steps[i] += 1
+        if self._fresh_pending or derived is not None:
+            self._advance(derived)
+        return True
 
     @_exclusive
     def state_dict(self):

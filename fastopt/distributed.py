@@ -25,11 +25,11 @@ mpi4py is imported only when a communicator is needed; it is not a dependency of
 core (install the `mpi` extra: mpi4py, and MPICH's wheel for machines without an MPI).
 """
 import hashlib
+import numbers
 import time
 
 import numpy as np
 
-from fastopt import _validate as V
 from fastopt._arena import aligned_zeros
 from fastopt._optimizer import Optimizer
 
@@ -50,18 +50,152 @@ def _mpi():
     return MPI
 
 
-def check_same_layout(comm, opt, what):
-    """One small collective: every rank's arena layout must be rank 0's, or every rank raises
-    the same ValueError (no rank is left waiting in a later collective)."""
+def check_same_layout(comm, opt, what, **options):
+    """One small collective (a second one only when they differ): every rank's arena layout,
+    hyperparameters (every group's, and skip_nonfinite) and `options` must be rank 0's, or every
+    rank raises the same ValueError naming the difference (no rank is left waiting in a later
+    collective)."""
     groups = [[list(np.shape(p)) for p in g["params"]] for g in opt.param_groups]
-    desc = repr((_kind(opt), opt.flat_params.size, groups, opt.layout.names))
-    digest = hashlib.sha256(desc.encode()).hexdigest()
+    layout = repr((_kind(opt), opt.flat_params.size, groups, opt.layout.names))
+    settings = {**hyperparameters(opt), "skip_nonfinite": opt.skip_nonfinite, **options}
+    digest = hashlib.sha256((layout + repr(settings)).encode()).hexdigest()
     digests = comm.allgather(digest)
-    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if all(d == digests[0] for d in digests):
+        return
+    everyone = comm.allgather((layout, settings))     # every rank saw the same digests
+    differ = [r for r, (lay, _) in enumerate(everyone) if lay != everyone[0][0]]
     if differ:
         raise ValueError(f"{what}: the arena layout (optimizer class, parameter shapes, "
                          f"groups) of rank(s) {differ} differs from rank 0's; every rank must "
                          "build the same model")
+    raise ValueError(f"{what}: the ranks' settings differ: "
+                     f"{_differences([s for _, s in everyone])}; every rank must build the "
+                     "same optimizer, or the replicas drift apart")
+
+
+def hyperparameters(opt):
+    """{'param_groups[i].key': value} for every group key that steps, as plain Python values
+    (a NumPy scalar and the float it holds are one value, a list and a tuple too)."""
+    keys = opt.spec.group_keys()
+    return {f"param_groups[{i}].{k}": _plain(g[k])
+            for i, g in enumerate(opt.param_groups) for k in keys}
+
+
+def _plain(v):
+    t = type(v)
+    if t is float or t is bool:                 # the common cases first: the ABC check is slow
+        return v
+    if t is list or t is tuple:
+        return tuple(_plain(x) for x in v)
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
+def _differences(settings):
+    """'key is a on rank 0 but b on rank(s) [..]' for each key where a rank differs from 0."""
+    out = []
+    for key, ref in settings[0].items():
+        others = {}
+        for r, s in enumerate(settings[1:], 1):
+            value = s.get(key)
+            if value != ref:
+                others.setdefault(repr(value), []).append(r)
+        for value, ranks in others.items():
+            out.append(f"{key} is {ref!r} on rank 0 but {value} on rank(s) {ranks}")
+    return "; ".join(out) or "(no difference found in the values compared)"
+
+
+class _StepCheck:
+    """Every rank checks a step, and agrees that every other rank accepted it with the same
+    settings, before any collective that changes the gradients or the params.
+
+    Each rank runs the closure and its optimizer's `check_step` (the arguments, and the
+    hyperparameters of the groups that changed), then one Allgather of two int64 per rank:
+    whether the rank accepted the step, and a hash of what decides the update (every group's
+    hyperparameters, skip_nonfinite, grad_multiplier, max_grad_norm and norm_type, the step
+    counts).  Every rank sees the same gathered values, so every rank takes the same decision:
+    all step, or all raise (a rank whose own check failed raises its error, the others a
+    ValueError naming it; a difference is named key by key), before anything has changed.
+    The Allgather runs on every step, not only on a step where a rank's hyperparameters
+    changed: a rank that changed an lr alone would otherwise wait in a collective the others
+    never call.  The hyperparameters' digest is recomputed only when `check_step` reports a
+    changed group, so a constant step costs the Allgather and one tuple hash.
+
+    The hashes are Python's hash() of tuples of floats, ints and bools (the values check_step
+    accepted, as plain Python values), which is the same in every process, unlike a str's.
+    Two different settings could share a hash only by a deliberate choice of values (floats
+    congruent modulo 2**61 - 1); sha256 of their repr would rule that out, at about four times
+    the cost on every step where an lr changes (11 us against 3 us, measured on a loaded
+    machine, for one AdamW group).
+    """
+
+    def __init__(self, comm, opt, what):
+        self.comm, self.opt, self.what = comm, opt, what
+        self.size = comm.Get_size()
+        self.keys = opt.spec.group_keys()
+        self.digest = None          # of the hyperparameters this rank's optimizer accepted
+        self._mine = np.zeros(2, np.int64)
+        self._all = np.zeros((self.size, 2), np.int64)
+        self.seconds = 0.0
+
+    def __call__(self, closure, zero_grad, grad_multiplier, max_grad_norm, norm_type):
+        """Run the closure and check the step (step()'s arguments) on every rank -> (loss,
+        what apply_step takes); raises on every rank alike."""
+        opt = self.opt
+        if self.size == 1:
+            loss = closure() if closure is not None else None
+            return loss, opt.check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
+        error, loss = None, None
+        try:
+            if closure is not None:
+                loss = closure()
+            t0 = time.perf_counter()
+            checked = opt.check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
+            _, m, max_norm, norm_type, changed = checked
+            if changed is not None or self.digest is None:
+                self.digest = hash(tuple(tuple(_plain(g[k]) for k in self.keys)
+                                         for g in opt.param_groups))
+            code = hash((self.digest, opt.skip_nonfinite, m,
+                         -1.0 if max_norm is None else max_norm,
+                         0.0 if max_norm is None else norm_type, *opt.step_counts))
+        except Exception as e:
+            error, code, t0 = e, 0, time.perf_counter()
+        mine, everyone = self._mine, self._all
+        mine[0], mine[1] = error is not None, code
+        self.comm.Allgather(mine, everyone)
+        if error is not None or everyone.tobytes() != mine.tobytes() * self.size:
+            self.digest = None                      # recomputed on the next step
+            self._refuse(error, checked if error is None else None)
+        self.seconds = time.perf_counter() - t0
+        return loss, checked
+
+    def _refuse(self, error, checked):
+        """Raise on every rank (a collective: every rank calls it)."""
+        failed = [r for r in range(self.size) if self._all[r, 0]]
+        if failed:
+            errors = self.comm.allgather(None if error is None else
+                                         f"{type(error).__name__}: {error}")
+            if error is not None:
+                raise error
+            told = "; ".join(f"rank {r}: {errors[r]}" for r in failed)
+            raise ValueError(f"{self.what}.step: refused on another rank ({told}); no rank "
+                             "has stepped")
+        _, m, max_norm, norm_type, _ = checked
+        settings = {**hyperparameters(self.opt), "skip_nonfinite": self.opt.skip_nonfinite,
+                    "grad_multiplier": m, "max_grad_norm": max_norm,
+                    "norm_type": None if max_norm is None else norm_type,
+                    "step counts": self.opt.step_counts}
+        everyone = self.comm.allgather(settings)
+        raise ValueError(f"{self.what}.step: the ranks step with different settings: "
+                         f"{_differences(everyone)}; every rank must step with the same "
+                         "hyperparameters and arguments (nothing has stepped)")
+
+    def forget(self):
+        """After a step that failed past the check: recompute the digest on the next one."""
+        self.digest = None
 
 
 def _kind(opt):
@@ -72,12 +206,17 @@ class DataParallel:
     """Data-parallel training: an optimizer whose step averages the gradients of all ranks.
 
     DataParallel(opt, comm=None, bucket_elements=None): `comm` defaults to MPI.COMM_WORLD.
-    Construction checks that every rank has the same arena layout and broadcasts rank 0's
-    params.  `step()` sums the gradient arena across ranks in place with one Allreduce (or one
-    per bucket of `bucket_elements`, to overlap less memory with MPI's internal buffers), then
-    runs the fused step with the 1/size averaging folded into its grad_multiplier (no extra
-    pass).  `last_step_seconds` splits the last step into {"comm": ..., "compute": ...}.  Everything else (params, grads, param_groups, zero_grad, state_dict, ...) is the
-    wrapped optimizer's.  With a communicator of size 1 no collective runs.
+    Construction checks that every rank has the same arena layout, hyperparameters,
+    skip_nonfinite and bucket_elements, and broadcasts rank 0's params.  `step()` first checks
+    its arguments and hyperparameters on every rank and agrees on them (one Allgather of 16
+    bytes per rank: see _StepCheck), so that a bad or differing value raises on every rank
+    before the gradients are touched; then it sums the gradient arena across ranks in place
+    with one Allreduce (or one per bucket of `bucket_elements`, to overlap less memory with
+    MPI's internal buffers), and runs the fused step with the 1/size averaging folded into its
+    grad_multiplier (no extra pass).  `last_step_seconds` splits the last step into
+    {"check": ..., "comm": ..., "compute": ...}.  Everything else (params, grads, param_groups,
+    zero_grad, state_dict, ...) is the wrapped optimizer's.  With a communicator of size 1 no
+    collective runs.
     """
 
     def __init__(self, opt, comm=None, bucket_elements=None):
@@ -91,8 +230,9 @@ class DataParallel:
         self.optimizer = opt
         self.bucket_elements = bucket_elements
         if comm.Get_size() > 1:
-            check_same_layout(comm, opt, "DataParallel")
+            check_same_layout(comm, opt, "DataParallel", bucket_elements=bucket_elements)
             comm.Bcast(opt.flat_params, root=0)
+        self._check = _StepCheck(comm, opt, "DataParallel")
 
     def __getattr__(self, name):
         return getattr(self.optimizer, name)
@@ -107,21 +247,31 @@ class DataParallel:
         for lo in range(0, g.size, step):
             self.comm.Allreduce(MPI.IN_PLACE, g[lo:lo + step], op=MPI.SUM)
 
-    def step(self, closure=None, *, grad_multiplier=1.0, **kw):
+    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+             norm_type=2.0):
         """Average the gradients over the ranks, then the wrapped optimizer's step (same
-        arguments; `last_grad_norm` and clipping then see the averaged gradients)."""
-        loss = closure() if closure is not None else None
-        size = self.comm.Get_size()
-        # validate before the collective, so a bad value fails on every rank alike
-        m = V.real("grad_multiplier", grad_multiplier, lo=0.0)
-        t0 = time.perf_counter()
-        self.allreduce_grads()
-        t1 = time.perf_counter()
-        if size > 1:
-            m = float(np.float32(m) * np.float32(1.0 / size)) if m != 1.0 else 1.0 / size
-        result = self.optimizer.step(grad_multiplier=m, **kw)
-        self.last_step_seconds = {"comm": t1 - t0, "compute": time.perf_counter() - t1}
-        return loss if closure is not None else result
+        arguments; `last_grad_norm` and clipping then see the averaged gradients).  Every
+        argument and hyperparameter is checked, and agreed on by every rank, before the
+        Allreduce: on a bad or differing value every rank raises and nothing has changed."""
+        with self.optimizer.exclusive("step"):   # one thread at a time, as Optimizer.step
+            loss, (zero_grad, m, max_grad_norm, norm_type, changed) = self._check(
+                closure, zero_grad, grad_multiplier, max_grad_norm, norm_type)
+            size = self.comm.Get_size()
+            t0 = time.perf_counter()
+            try:
+                self.allreduce_grads()
+                t1 = time.perf_counter()
+                if size > 1:
+                    m = (float(np.float32(m) * np.float32(1.0 / size)) if m != 1.0
+                         else 1.0 / size)
+                result = self.optimizer.apply_step(zero_grad, m, max_grad_norm, norm_type,
+                                                   changed)
+            except BaseException:
+                self._check.forget()
+                raise
+            self.last_step_seconds = {"check": self._check.seconds, "comm": t1 - t0,
+                                      "compute": time.perf_counter() - t1}
+            return loss if closure is not None else result
 
     def save(self, path, scheduler=None):
         """Rank 0 writes the checkpoint (the state is replicated); every rank must call it."""
@@ -143,6 +293,7 @@ class _Zero:
         if comm.Get_size() > 1:
             check_same_layout(comm, self, "ZeroRedundancyOptimizer")
             comm.Bcast(self.flat_params, root=0)
+        self._check = _StepCheck(comm, self, "ZeroRedundancyOptimizer")
 
     def _shard_range(self, arena):
         size, rank = self.comm.Get_size(), self.comm.Get_rank()
@@ -216,12 +367,31 @@ class _Zero:
     def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
              norm_type=2.0):
         """Reduce_scatter the gradients, one fused step on this rank's shard, Allgather the
-        params.  Clipping and skip_nonfinite need the norm of all shards and are not offered
-        here: clip with DataParallel, or before the step."""
+        params.  Every argument and hyperparameter is checked, and agreed on by every rank,
+        before the Reduce_scatter (as in DataParallel.step)."""
+        with self.exclusive("step"):   # one thread at a time, as Optimizer.step
+            loss, checked = self._check(closure, zero_grad, grad_multiplier, max_grad_norm,
+                                        norm_type)
+            try:
+                result = self.apply_step(*checked)
+            except BaseException:
+                self._check.forget()
+                raise
+            self.last_step_seconds["check"] = self._check.seconds
+            return loss if closure is not None else result
+
+    def check_step(self, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
+                   norm_type=2.0):
+        """Optimizer.check_step, which runs before the Reduce_scatter.  Clipping and
+        skip_nonfinite need the norm of all shards and are not offered here: clip with
+        DataParallel, or before the step."""
         if max_grad_norm is not None:
             raise ValueError("max_grad_norm is not supported by ZeroRedundancyOptimizer; "
                              "use DataParallel for clipping inside the step")
-        return super().step(closure, zero_grad=zero_grad, grad_multiplier=grad_multiplier)
+        if self.skip_nonfinite:
+            raise ValueError("skip_nonfinite is not supported by ZeroRedundancyOptimizer: "
+                             "each rank sees only its own shard's reduced gradients")
+        return super().check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
 
     def save(self, path, scheduler=None):
         """Gathers the state one buffer at a time to rank 0 (every rank must call it), which

@@ -251,6 +251,160 @@ def case_every_class():
                         else got == value), (cls, i, key)
 
 
+def raises(kind, call, *words):
+    """call() raises `kind` on this rank, with every word in its message."""
+    try:
+        call()
+    except kind as e:
+        for w in words:
+            assert w in str(e), (w, str(e))
+    else:
+        raise AssertionError(f"no {kind.__name__} (expected {words})")
+
+
+def sgd_wrappers():
+    """Both wrappers on SGD with momentum (linear in the gradients: a double sum shows)."""
+    yield DataParallel(fastopt.SGD(groups(params()), momentum=0.9))
+    yield ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.SGD, momentum=0.9)
+
+
+def stepped_once_by_one_process(steps=1):
+    one = fastopt.SGD(groups(params()), momentum=0.9)
+    for t in range(steps):
+        for view, g in zip(one.grads, averaged(t)):
+            view[...] = g
+        one.step()
+    return one
+
+
+def case_bad_step_arguments():
+    """A bad argument or group hyperparameter raises on every rank before the gradients are
+    reduced: the gradients are still this rank's own, and the next step sums them once."""
+    for opt in sgd_wrappers():
+        zero = not isinstance(opt, DataParallel)
+        feed(opt, 0)
+        own = opt.flat_grads.copy()
+        bad = [(ValueError, dict(max_grad_norm=-1.0), "max_grad_norm"),
+               (ValueError, dict(grad_multiplier=-1.0), "grad_multiplier"),
+               (TypeError, dict(zero_grad=1), "zero_grad")]
+        if not zero:
+            bad.append((ValueError, dict(max_grad_norm=1.0, norm_type=0), "norm_type"))
+        for kind, kw, word in bad:
+            raises(kind, lambda: opt.step(**kw), word)
+            assert bitwise(opt.flat_grads, own), f"{kw}: the gradients were reduced"
+        if zero:            # each rank would skip on its own shard's norm
+            opt.skip_nonfinite = True
+            raises(ValueError, opt.step, "skip_nonfinite is not supported")
+            opt.skip_nonfinite = False
+        opt.param_groups[0]["lr"] = -1.0
+        raises(ValueError, opt.step, "param_groups[0].lr")
+        assert bitwise(opt.flat_grads, own), "bad lr: the gradients were reduced"
+        opt.param_groups[0]["lr"] = 1e-3
+        opt.step()
+        assert bitwise(opt.flat_params, stepped_once_by_one_process().flat_params), \
+            f"{type(opt).__name__}: a failed step changed the next one"
+
+
+def case_bad_argument_on_one_rank():
+    """A bad value (or a closure that raises) on one rank only: that rank raises its error,
+    the other a ValueError naming it; no rank waits in a collective, nothing has changed."""
+    for opt in sgd_wrappers():
+        feed(opt, 0)
+        own = opt.flat_grads.copy()
+
+        def boom():
+            raise RuntimeError("the closure failed")
+        for kw, error, word in [(dict(grad_multiplier=-1.0), ValueError, "grad_multiplier"),
+                                (dict(closure=boom), RuntimeError, "the closure failed")]:
+            if rank == 1:
+                raises(error, lambda: opt.step(**kw), word)
+            else:
+                raises(ValueError, opt.step, "rank 1", word)
+            assert bitwise(opt.flat_grads, own), f"{kw}: the gradients were reduced"
+        if rank == 1:
+            opt.param_groups[0]["lr"] = -1.0
+        raises(ValueError, opt.step, "param_groups[0].lr")
+        assert bitwise(opt.flat_grads, own), "bad lr: the gradients were reduced"
+        opt.param_groups[0]["lr"] = 1e-3
+        opt.step()
+        feed(opt, 1)
+        opt.step()
+        assert bitwise(opt.flat_params, stepped_once_by_one_process(2).flat_params), \
+            f"{type(opt).__name__}: a failed step changed the next ones"
+
+
+def case_settings_differ_at_construction():
+    """Ranks built with different hyperparameters or options: a ValueError on every rank that
+    names the difference."""
+    lr = 1e-2 if rank == 0 else 1e-1
+    for make in (lambda: DataParallel(fastopt.AdamW(groups(params()), lr=lr)),
+                 lambda: ZeroRedundancyOptimizer(groups(params()), lr=lr)):
+        raises(ValueError, make, "param_groups[0].lr is 0.01 on rank 0 but 0.1 on rank(s) [1]")
+    ps = groups(params())
+    ps[1]["betas"] = [0.9, 0.999] if rank == 0 else (0.8, 0.999)
+    raises(ValueError, lambda: DataParallel(fastopt.Adam(ps)), "param_groups[1].betas")
+    raises(ValueError, lambda: DataParallel(fastopt.Adam(groups(params()),
+                                                         skip_nonfinite=rank == 1)),
+           "skip_nonfinite is False on rank 0 but True on rank(s) [1]")
+    raises(ValueError, lambda: DataParallel(fastopt.Adam(groups(params())),
+                                            bucket_elements=100 + rank),
+           "bucket_elements is 100 on rank 0 but 101")
+    # equal values of different Python types are one setting
+    ps = groups(params())
+    ps[1]["lr"] = np.float64(3e-3) if rank == 0 else 3e-3
+    ps[1]["betas"] = [0.9, 0.999] if rank == 0 else (0.9, 0.999)
+    DataParallel(fastopt.Adam(ps))
+
+
+def case_hyperparameter_changes_on_one_rank():
+    """Rank 1 alone changes an lr before step 3 (then steps with another grad_multiplier or
+    max_grad_norm at step 4): every rank raises at that step, naming it, before the gradients
+    are reduced; set back, the run equals one process bit for bit."""
+    for opt in (DataParallel(fastopt.AdamW(groups(params()), amsgrad=True)),
+                ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.AdamW,
+                                        amsgrad=True)):
+        for t in range(6):
+            feed(opt, t)
+            if t == 3:
+                if rank == 1:
+                    opt.param_groups[1]["lr"] = 0.1
+                own = opt.flat_grads.copy()
+                raises(ValueError, opt.step,
+                       "param_groups[1].lr is 0.003 on rank 0 but 0.1 on rank(s) [1]")
+                assert bitwise(opt.flat_grads, own), "the gradients were reduced"
+                opt.param_groups[1]["lr"] = 3e-3
+            if t == 4:              # the step's arguments too
+                raises(ValueError, lambda: opt.step(grad_multiplier=1.0 + rank),
+                       "grad_multiplier is 1.0 on rank 0 but 2.0 on rank(s) [1]")
+                if isinstance(opt, DataParallel):
+                    raises(ValueError, lambda: opt.step(max_grad_norm=1.0 + rank),
+                           "max_grad_norm is 1.0 on rank 0 but 2.0 on rank(s) [1]")
+            opt.step()
+        ref = single_process((0, 6))
+        assert bitwise(opt.flat_params, ref.flat_params), f"{type(opt).__name__} != one process"
+
+
+def case_scheduler_on_every_rank():
+    """The same lr change on every rank (a scheduler stepping each step) is no error, and the
+    run equals one process with the same scheduler, bit for bit."""
+    from fastopt.lr_scheduler import ExponentialLR
+    one = fastopt.AdamW(groups(params()))
+    wrapped = [DataParallel(fastopt.AdamW(groups(params()))),
+               ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.AdamW)]
+    scheds = [ExponentialLR(o, gamma=0.9) for o in [one] + wrapped]
+    for t in range(6):
+        for view, g in zip(one.grads, averaged(t)):
+            view[...] = g
+        for o in wrapped:
+            feed(o, t)
+        for o, s in zip([one] + wrapped, scheds):
+            o.step()
+            s.step()
+    for o in wrapped:
+        assert o.param_groups[0]["lr"] == one.param_groups[0]["lr"] != 1e-3
+        assert bitwise(o.flat_params, one.flat_params), f"{type(o).__name__} != one process"
+
+
 if __name__ == "__main__":
     name = sys.argv[1]
     globals()["case_" + name]()

@@ -35,6 +35,16 @@ CASES = {
     "size_one": "a communicator of size 1: both wrappers are the plain optimizer",
     "every_class": "every optimizer class (with all its state buffers) under DataParallel and "
                    "ZeRO-1 on 2 ranks equals one process bit for bit, gathered state included",
+    "bad_step_arguments": "a bad step argument or group lr raises on both ranks before the "
+                          "gradients are reduced; the next step sums them once",
+    "bad_argument_on_one_rank": "a bad value or a raising closure on one rank: both ranks "
+                                "raise (the other names it), no hang, nothing changed",
+    "settings_differ_at_construction": "different lr, betas, skip_nonfinite or bucket_elements "
+                                       "on the ranks: a ValueError on both naming it",
+    "hyperparameter_changes_on_one_rank": "rank 1 alone changes an lr: both ranks raise at "
+                                          "that step, before the reduction; set back, the run "
+                                          "equals one process",
+    "scheduler_on_every_rank": "an lr scheduler on every rank: no error, equal to one process",
 }
 
 

@@ -370,6 +370,35 @@ def test_bad_hyperparameter_at_step_changes_nothing(cls, kw, group, key, value, 
     assert_unchanged(opt, snap)
 
 
+def test_check_step_changes_nothing_and_apply_step_is_the_rest_of_step():
+    """check_step (what a distributed wrapper runs before any collective) checks and changes
+    nothing: called twice it reports the same changed group, and it reports none after a
+    step; apply_step with its answer is step(), bit for bit."""
+    a, b = trained(fastopt.AdamW), trained(fastopt.AdamW)
+    assert a.check_step()[-1] is None, "no group changed since the last step"
+    for o in (a, b):
+        o.param_groups[1]["lr"] = 0.5
+        o.param_groups[1]["betas"] = [0.8, 0.99]
+        for g in o.grads:
+            g[...] = 0.7
+    snap = snapshot(a)
+    checked = a.check_step(grad_multiplier=2, max_grad_norm=1, norm_type="inf")
+    assert checked[:4] == (False, 2.0, 1.0, float("inf"))
+    assert [c[0] for c in checked[-1]] == [1]
+    assert [c[0] for c in a.check_step()[-1]] == [1], "check_step marked the group as seen"
+    p, state, steps, groups = snap
+    groups[1]["betas"] = (0.8, 0.99)        # the only change: a list kept as a tuple
+    assert_unchanged(a, (p, state, steps, groups))
+    with pytest.raises(ValueError, match="max_grad_norm must be >= 0"):
+        a.check_step(max_grad_norm=-1.0)
+    assert a.apply_step(*checked) is True
+    b.step(grad_multiplier=2, max_grad_norm=1, norm_type="inf")
+    assert np.array_equal(a.flat_params.view(np.uint32), b.flat_params.view(np.uint32))
+    for k in b._state:
+        assert np.array_equal(a._state[k].view(np.uint32), b._state[k].view(np.uint32)), k
+    assert a.check_step()[-1] is None
+
+
 def _sd_with(edit):
     def make():
         sd = trained().state_dict()
@@ -418,7 +447,8 @@ LOAD_ERRORS = [
      ValueError, "lacks \\['exp_avg'\\]"),
     ("unknown key", _sd_with(_set(["state", 0, "momentum"], np.zeros((4, 3), np.float32))),
      ValueError, "has unknown keys \\['momentum'\\]"),
-    ("step 0", _sd_with(_set(["state", 0, "step"], 0)), ValueError, "must be a whole number from 1 to"),
+    ("step 0", _sd_with(_set(["state", 0, "step"], 0)), ValueError,
+     "must be a whole number from 1 to"),
     ("step missing", _sd_with(_delete(["state", 0, "step"])), ValueError, "has no 'step'"),
     ("unlisted id", _sd_with(_set(["state", 7], {"step": 1})), ValueError,
      "param id 7, which no param group lists"),
