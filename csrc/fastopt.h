@@ -91,6 +91,8 @@ typedef struct fo_family {
     unsigned (*needs)(const void *hparams);
     /* internal: one group's range [lo, hi) */
     void (*range)(const void *call, const void *group, size_t lo, size_t hi);
+    /* internal: whether the per-step float32 scalars of these hyperparameters are finite */
+    int (*finite)(const void *hparams, int64_t step, const fo_grad_opts *opts);
 } fo_family;
 
 /* The families this build has (the files in csrc/families/), and one by name (NULL if none). */
@@ -103,6 +105,14 @@ const fo_family *fo_family_find(const char *name);
 void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
              float *const *state, const fo_grad_opts *opts, const fo_group *groups,
              size_t ngroups);
+
+/* 0 when every group's per-step float32 scalars (step sizes, decay factors, bias corrections,
+ * the gradient factor: what each family computes once per step in double and rounds) are
+ * finite; else 1 + the index of the first group whose scalars overflow float32 (lr / (1 -
+ * beta1^t) past 3.4e38, say).  fo_step would write infinities or NaNs for such a group: check
+ * first. */
+size_t fo_check(const fo_family *family, const fo_grad_opts *opts, const fo_group *groups,
+                size_t ngroups);
 
 /* The norm_type-norm of grad (2, 1, INFINITY or any p > 0), accumulated in double and
  * deterministic whatever the threads or ISA; *nonfinite is set to 1 if any element is NaN or

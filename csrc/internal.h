@@ -17,6 +17,7 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "fastopt.h"
 
@@ -199,10 +200,35 @@ typedef struct {
                          hi - lo, &s, modes)                                              \
     }                                                                                     \
     static unsigned NAME##_needs_any(const void *hp) { return NAME##_needs(hp); }         \
+    /* the scalars struct is read as float32 words: it must be nothing else */            \
+    typedef char NAME##_scalars_are_words[sizeof(NAME##_scalars) % sizeof(float) ? -1 : 1]; \
+    static int NAME##_finite(const void *hp, int64_t step, const fo_grad_opts *o)         \
+    {                                                                                     \
+        NAME##_scalars s;                                                                 \
+        memset(&s, 0, sizeof s);                                                          \
+        (void)NAME##_prepare(&s, hp, step, o);                                            \
+        return fo_words_finite(&s, sizeof s);                                             \
+    }                                                                                     \
     const fo_family fo_family_##NAME = {                                                  \
         #NAME, sizeof(NAME##_hparams), NAME##_fields,                                     \
         sizeof NAME##_fields / sizeof NAME##_fields[0], NAME##_buffers,                   \
-        sizeof NAME##_buffers / sizeof NAME##_buffers[0], NAME##_needs_any, NAME##_range};
+        sizeof NAME##_buffers / sizeof NAME##_buffers[0], NAME##_needs_any, NAME##_range, \
+        NAME##_finite};
+
+/* Whether every 4-byte word of a family's scalars struct is a finite float32.  The structs
+ * hold float32 scalars and 0/1 flags (fo_lerp.from_end), whose bit patterns are zero or
+ * subnormal, so finite: an infinity or NaN can only be a scalar that overflowed. */
+FO_INLINE int fo_words_finite(const void *p, size_t nbytes)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i + sizeof(float) <= nbytes; i += sizeof(float)) {
+        float x;
+        memcpy(&x, b + i, sizeof x);
+        if (!isfinite(x))
+            return 0;
+    }
+    return 1;
+}
 
 /* Runs fn(ctx, group, lo, hi) over every group's range, split over up to ex->num_threads
  * threads in one parallel region: the groups' elements, taken end to end, are cut into equal

@@ -36,6 +36,15 @@ const fo_family *fo_family_find(const char *name)
     return NULL;
 }
 
+size_t fo_check(const fo_family *family, const fo_grad_opts *opts, const fo_group *groups,
+                size_t ngroups)
+{
+    for (size_t i = 0; i < ngroups; i++)
+        if (!family->finite(groups[i].hparams, groups[i].step, opts))
+            return i + 1;
+    return 0;
+}
+
 void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
              float *const *state, const fo_grad_opts *opts, const fo_group *groups,
              size_t ngroups)

@@ -54,6 +54,8 @@ cdef extern from "fastopt.h" nogil:
     void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
                  float *const *state, const fo_grad_opts *opts, const fo_group *groups,
                  size_t ngroups)
+    size_t fo_check(const fo_family *family, const fo_grad_opts *opts, const fo_group *groups,
+                    size_t ngroups)
 
     size_t fo_norm_blocks(size_t n)
     double fo_grad_norm(const fo_exec *ex, const float *grad, size_t n, double norm_type,

@@ -19,7 +19,7 @@ from fastopt._cfastopt cimport (
     fo_isa, FO_ISA_BASELINE, FO_ISA_X86_64_V3, FO_ISA_X86_64_V4, fo_best_isa, fo_isa_supported,
     fo_isa_name, fo_have_openmp, fo_compiler, fo_compile_flags, fo_exec, fo_grad_opts,
     fo_group, fo_family, fo_field, FO_F64, FO_MAX_BUFFERS, fo_family_count, fo_family_at,
-    fo_family_find, fo_step, fo_probe_r4w3, fo_probe_r3w2, fo_norm_blocks, fo_grad_norm,
+    fo_family_find, fo_step, fo_check, fo_probe_r4w3, fo_probe_r3w2, fo_norm_blocks, fo_grad_norm,
     fo_omp_max_threads,
 )
 
@@ -362,8 +362,17 @@ def kernel(str family, float[::1] param, grad, list state, Py_ssize_t start, Py_
                                  "must be a separate array")
     grp.start, grp.stop, grp.step, grp.hparams = start, stop, step, raw
     opts = _grad_opts(grad_multiplier, zero_grad)
+    if fo_check(f, &opts, &grp, 1):
+        raise ValueError(_overflow_message(family, fields, step, grad_multiplier))
     with nogil:
         fo_step(f, &ex, &param[0], g, bufs, &opts, &grp, 1)
+
+
+def _overflow_message(family, fields, step, grad_multiplier):
+    shown = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    return (f"{family} at step {step} with {shown} and grad_multiplier={grad_multiplier!r}: "
+            "a per-step scalar of the kernel (a step size, decay factor or bias correction, "
+            "computed in double and rounded to float32) overflows float32; nothing was changed")
 
 
 cdef class Stepper:
@@ -495,6 +504,7 @@ cdef class Stepper:
         cdef fo_exec ex = _exec()
         cdef fo_grad_opts opts = _grad_opts(grad_multiplier, zero_grad)
         cdef int64_t taken
+        cdef size_t bad
         cdef unsigned present = 0
         self._idle("run")
         if len(steps) != self.ngroups:
@@ -514,6 +524,12 @@ cdef class Stepper:
                 raise ValueError(f"group {i} has taken {taken} steps: the count must stay "
                                  f"below 2**63 - 1")
             self.groups[i].step = taken + 1
+        bad = fo_check(self.fam, &opts, self.groups, self.ngroups)
+        if bad:
+            j = int(bad) - 1
+            fields = dict(zip(self.field_names, self.records[j].item()))
+            raise ValueError(f"param_groups[{j}]: " + _overflow_message(
+                self.fam.name.decode(), fields, steps[j] + 1, grad_multiplier))
         if self.n == 0:
             return
         self.running = True

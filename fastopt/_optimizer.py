@@ -38,6 +38,16 @@ from fastopt._family import TORCH_ONLY, check_torch_only, torch_group_keys
 from fastopt.clip import clip_coefficient, norm_type_arg
 
 
+def _product_overflows(grads, multiplier):
+    """Whether some grads[i] * float32(multiplier), in float32 as the kernels multiply, is
+    infinite (the largest magnitude decides it: float32 multiplication is monotonic)."""
+    if grads.size == 0:
+        return False
+    big = max(float(grads.max()), -float(grads.min()))
+    with np.errstate(over="ignore"):
+        return not np.isfinite(np.float32(big) * np.float32(multiplier))
+
+
 def _same(snapshot, group, seen):
     """Whether a group's hyperparameters are the ones last sent.  A deleted key, or an
     array where a number belongs, is a change (the check that follows names it)."""
@@ -270,19 +280,26 @@ class Optimizer:
         but for grad_multiplier, which a wrapper may scale) -> False if skip_nonfinite skipped
         it, else True."""
         if max_grad_norm is not None or self.skip_nonfinite:
-            total, nonfinite = self._backend.grad_norm(
+            norm, nonfinite = self._backend.grad_norm(
                 self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
-            total *= grad_multiplier
+            total = norm * grad_multiplier
             self.last_grad_norm = total
+            if max_grad_norm is not None and not (nonfinite and self.skip_nonfinite):
+                coef = clip_coefficient(total, max_grad_norm)
+                if coef != 1.0:
+                    grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
+            # Finite gradients times the multiplier can still pass float32's range in the
+            # kernel's product (1e30 * 1e10): an infinity skip_nonfinite guards against too.
+            # Any norm bounds every element, so the exact test (one more pass) runs only when
+            # an element might overflow.
+            if self.skip_nonfinite and not nonfinite and \
+                    norm * grad_multiplier >= 0.5 * V.FLOAT32_MAX:
+                nonfinite = _product_overflows(self.flat_grads, grad_multiplier)
             if nonfinite and self.skip_nonfinite:
                 self.skipped_steps += 1
                 if zero_grad:
                     self.flat_grads.fill(0.0)
                 return False
-            if max_grad_norm is not None:
-                coef = clip_coefficient(total, max_grad_norm)
-                if coef != 1.0:
-                    grad_multiplier = float(np.float32(grad_multiplier) * np.float32(coef))
         if changed:
             self._refresh(changed)
         derived = self._derive() if self._derive_pending else None

@@ -11,6 +11,12 @@ drop-in replacement for `fastopt.*`:
 Unlike the C kernels it does not fuse multiply-adds, so it matches them to a few ulp per step,
 not bitwise (the tests state the bound); Lion's twin, which emulates its one fma exactly, is
 bitwise.  Each step makes 8-14 passes over memory where the C kernel makes one.
+
+One check it does not make: the C stepper refuses hyperparameters whose per-step float32
+scalars overflow (each within float32's range, like every hyperparameter, but lr / (1 -
+beta1**t) or 1 - lr*weight_decay past it; fo_check in csrc/step.c), while here they give the
+infinities NumPy computes.  Stating each family's scalars a second time, in Python, only for
+that check would be a second copy of every prepare() to keep in step with C.
 """
 import sys
 import threading

@@ -270,3 +270,48 @@ def test_torch_loading_fastopts_state_dict_stays_fused():
                        "param_groups": sd["param_groups"]})
     g = t.param_groups[0]
     assert g["fused"] is True and not g["foreach"] and g["name"] == "w"
+
+
+# ---- overflow inside the step -------------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES, ids=["fastopt", "reference"])
+@pytest.mark.parametrize("grad,multiplier,skipped", [
+    (1e30, 1e10, True),                      # the issue's case
+    (2.0 ** 127, 2.0, True),                 # exactly 2**128: infinite in float32
+    (2.0 ** 127, 1.9999, False),             # just below: finite, the step runs
+    (3e38, 1.0, False),                      # large but representable
+], ids=["1e30 x 1e10", "2**127 x 2", "2**127 x 1.9999", "3e38 x 1"])
+def test_skip_nonfinite_sees_gradients_the_multiplier_makes_infinite(module, grad, multiplier,
+                                                                     skipped):
+    """Before: the non-finite test ran on the gradients before the float32 multiplier, so
+    1e30 * 1e10 stepped every param to NaN and step() returned True."""
+    opt = module.SGD([np.ones(6, np.float32)], lr=0.0, skip_nonfinite=True)
+    opt.grads[0][...] = np.float32(grad)
+    opt.grads[0][3] = -np.float32(grad)              # the largest magnitude may be negative
+    before = opt.flat_params.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        result = opt.step(grad_multiplier=multiplier)
+    assert result is (not skipped)
+    assert opt.skipped_steps == int(skipped) and opt.step_counts == [int(not skipped)]
+    assert np.array_equal(opt.flat_params, before)   # lr 0: a step that ran changes nothing
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (fastopt.AdamW, dict(lr=3e38)),                              # lr / (1 - beta1) at step 1
+    (fastopt.AdamW, dict(lr=1e20, weight_decay=1e20)),            # 1 - lr * weight_decay
+    (fastopt.Adam, dict(lr=1e37, betas=(0.999, 0.999))),          # lr / (1 - 0.999)
+    (fastopt.RMSprop, dict(lr=1e30, alpha=0.5, weight_decay=0.0)),
+], ids=["AdamW lr", "AdamW lr*wd", "Adam bias correction", "RMSprop ok"])
+def test_scalars_past_float32_are_refused_before_the_kernel_runs(cls, kw):
+    """Hyperparameters each within float32 whose per-step scalars (computed in double,
+    rounded to float32) are not: a ValueError, nothing changed.  Before: every param NaN
+    or infinite.  (RMSprop's scalars stay finite: that step runs.)"""
+    opt = cls([np.ones(5, np.float32)], **kw)
+    opt.grads[0][...] = 1.0
+    if cls is fastopt.RMSprop:
+        assert opt.step() is True
+        return
+    with pytest.raises(ValueError, match="overflows float32; nothing was changed"):
+        opt.step()
+    assert np.array_equal(opt.params[0], np.ones(5, np.float32))
+    assert opt.step_counts == [0] and opt.state == {}
