@@ -479,13 +479,10 @@ def _group_of_each_param(groups, where):
 
 
 def _check_scheduler_state(scheduler, state, where):
-    """Load the state into a shallow stand-in of the scheduler: its checks run, the real
-    scheduler is untouched."""
-    probe = object.__new__(type(scheduler))
-    probe.__dict__.update({k: (list(v) if isinstance(v, list) else v)
-                           for k, v in scheduler.__dict__.items()})
+    """The scheduler's own checks of the state, which change nothing (a SequentialLR's or
+    ChainedScheduler's schedulers included)."""
     try:
-        probe.load_state_dict(state)
+        scheduler.check_state_dict(state)
     except (TypeError, ValueError, KeyError) as e:
         raise ValueError(f"{where}: bad scheduler state ({e})") from None
 

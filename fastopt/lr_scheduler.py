@@ -648,6 +648,11 @@ class LRScheduler:
         """
         self._load_plan(state_dict, "state_dict")()
 
+    def check_state_dict(self, state_dict):
+        """The checks of `load_state_dict` without the load: raises as it would, changes
+        nothing (a checkpoint checks its scheduler's state before it changes anything)."""
+        self._load_plan(state_dict, "state_dict")
+
     def _load_plan(self, sd, where):
         from_torch = isinstance(sd, Mapping) and "_step_count" in sd
         sd = _without_torch_keys(where, sd)

@@ -257,9 +257,21 @@ def _large_last_member_opt(seed):
     return opt
 
 
+def _chained(opt, steps):
+    from fastopt.lr_scheduler import ChainedScheduler, ExponentialLR, StepLR
+    sched = ChainedScheduler([ExponentialLR(opt, 0.9), StepLR(opt, 2, 0.5)])
+    for _ in range(steps):
+        sched.step()
+    return sched
+
+
 def test_a_corrupted_last_member_is_refused_and_changes_nothing(tmp_path):
+    """The CRC is verified after every other check, the scheduler's included: neither the
+    optimizer nor the scheduler (nor a ChainedScheduler's members, which the scheduler check
+    once loaded for real) may have changed."""
     path = tmp_path / "ck.npz"
-    _large_last_member_opt(1).save(path)
+    saved = _large_last_member_opt(1)
+    saved.save(path, _chained(saved, 5))
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
         last = z.infolist()[-1]
@@ -269,10 +281,12 @@ def test_a_corrupted_last_member_is_refused_and_changes_nothing(tmp_path):
     data[end - 5] ^= 0x40
     path.write_bytes(bytes(data))
     opt = _large_last_member_opt(2)
-    snap = snapshot(opt)
+    sched = _chained(opt, 1)
+    snap, sched_before = snapshot(opt), json.dumps(sched.state_dict())
     with pytest.raises(ValueError, match=r"state/1/exp_avg_sq.npy' is corrupted \(CRC"):
-        opt.load(path)
+        opt.load(path, sched)
     assert_unchanged(opt, snap)
+    assert json.dumps(sched.state_dict()) == sched_before
 
 
 def test_the_file_is_a_plain_npz_and_an_np_savez_one_loads(tmp_path):
