@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import UNDER_ASAN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # the mpich wheel puts mpiexec beside the interpreter, which may not be on PATH
@@ -50,6 +51,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_under_mpiexec(case):
+    if case == "zero_checkpoint_memory" and UNDER_ASAN:
+        pytest.skip("resident memory under AddressSanitizer is its allocator's, not fastopt's")
     env = dict(os.environ, OMP_NUM_THREADS="1")   # two ranks already fill two cores
     proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable,
                            os.path.join(HERE, "mpi_cases.py"), case],
