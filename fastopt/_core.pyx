@@ -368,6 +368,24 @@ def kernel(str family, float[::1] param, grad, list state, Py_ssize_t start, Py_
         fo_step(f, &ex, &param[0], g, bufs, &opts, &grp, 1)
 
 
+def check_scalars(str family, list groups, double grad_multiplier=1.0):
+    """groups: (index, fields, step being taken).  Raise the ValueError Stepper.run would for
+    the first group whose per-step float32 scalars overflow (fo_check), without stepping."""
+    cdef const fo_family *f = _family(family)
+    cdef double storage[64]
+    cdef unsigned char *raw = <unsigned char *>storage
+    cdef fo_group grp
+    cdef fo_grad_opts opts = _grad_opts(grad_multiplier, False)
+    if f.hparams_size > sizeof(storage):
+        raise ValueError(f"{family}: hyperparameter struct of {f.hparams_size} bytes")
+    for i, fields, step in groups:
+        _pack(f, family, fields, raw)
+        grp.start, grp.stop, grp.step, grp.hparams = 0, 0, step, raw
+        if fo_check(f, &opts, &grp, 1):
+            raise ValueError(f"param_groups[{i}]: " + _overflow_message(
+                family, fields, step, grad_multiplier))
+
+
 def _overflow_message(family, fields, step, grad_multiplier):
     shown = ", ".join(f"{k}={v!r}" for k, v in fields.items())
     return (f"{family} at step {step} with {shown} and grad_multiplier={grad_multiplier!r}: "

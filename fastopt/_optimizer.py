@@ -262,7 +262,8 @@ class Optimizer:
         if zero_grad is not False:
             zero_grad = V.flag("zero_grad", zero_grad)
         if max_grad_norm is not None:
-            max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0)
+            max_grad_norm = V.real("max_grad_norm", max_grad_norm, lo=0.0,
+                                   hi=V.FLOAT32_MAX)      # the coefficient is float32
             norm_type = norm_type_arg(norm_type)
         snapshot, seen, changed = self._snapshot, self._seen, None
         for i, group in enumerate(self.param_groups):
@@ -359,10 +360,12 @@ class Optimizer:
             for key, arrays in gs.buffers.items():      # are copied before anything is written
                 gs.buffers[key] = [a.copy() if any(np.may_share_memory(a, m) for m in mine)
                                    else a for a in arrays]
+        # every arena it needs, before anything is written: a MemoryError changes nothing
+        # (a new arena is not state until a group's buffers list it)
+        for key in sorted({key for gs in groups for key in gs.buffers} - set(self._state)):
+            self._new_state_arena(key)
         for i, gs in enumerate(groups):
             for key, arrays in gs.buffers.items():
-                if key not in self._state:
-                    self._new_state_arena(key)
                 for k, a in zip(arena.param_indices(i), arrays):
                     off = arena.offsets[k]
                     a_lo, a_hi = max(off, lo), min(off + a.size, hi)   # the part held here
@@ -411,12 +414,41 @@ class Optimizer:
         lock `step`, `zero_grad`, `state_dict`, `load_state_dict`, `save` and `load` take.
         Another thread that tries to enter meanwhile gets a RuntimeError; this thread may
         re-enter."""
-        if not self._lock.acquire(False):
-            raise self._busy(what)
+        self.hold(what)
         try:
             yield self
         finally:
             self._lock.release()
+
+    def hold(self, what):
+        """Take the lock of `exclusive` without waiting (a RuntimeError if another thread
+        holds it); `release()` gives it back.  For a caller that must decide together with
+        other processes whether to go on (fastopt.distributed)."""
+        if not self._lock.acquire(False):
+            raise self._busy(what)
+
+    def release(self):
+        self._lock.release()
+
+    def check_scalars(self, grad_multiplier, changed):
+        """Raise a ValueError if the next step would be refused for its step counts or for
+        per-step float32 scalars that overflow (what the C stepper checks as it runs), from
+        `check_step`'s `changed` and grad_multiplier (an upper bound: the wrappers and
+        clipping only scale it down).  Changes nothing; a distributed wrapper calls it before
+        its collective, so that no rank has reduced gradients when the step is refused."""
+        fam = self._family
+        fields = list(self._fields)
+        for i, _, f in changed or ():
+            fields[i] = {field.name: f[field.name] for field in fam.user_fields}
+        groups = []
+        for i, taken in enumerate(self._steps):
+            if not 0 <= taken < V.MAX_STEPS:
+                raise ValueError(f"group {i} has taken {taken} steps: the count must stay "
+                                 "below 2**63 - 1")
+            if fields[i] is not None:       # None: never sent, and so in `changed`
+                derived = fam.derive(fields[i], taken + 1, self._fresh[i], self._counters[i])
+                groups.append((i, {**fields[i], **derived}, taken + 1))
+        self._backend.check_scalars(fam.name, groups, grad_multiplier)
 
     def _busy(self, what):
         return RuntimeError(

@@ -66,6 +66,12 @@ _META_CHARS = 1 << 20       # meta: this many characters, plus _META_CHARS_EACH 
 _META_CHARS_EACH = 1 << 10
 
 
+def _meta_limit(optimizer):
+    """The most characters the meta document of `optimizer`'s checkpoint may have."""
+    return _META_CHARS + _META_CHARS_EACH * (len(optimizer.layout.shapes)
+                                             + len(optimizer.param_groups))
+
+
 def save(path, optimizer, scheduler=None):
     """Write `optimizer` (and `scheduler`) to `path` (.npz), atomically.  The optimizer is
     held meanwhile (Optimizer.exclusive): a step from another thread is refused, so the file
@@ -96,6 +102,12 @@ def _save(path, optimizer, scheduler):
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint: cannot store the hyperparameters or scheduler state as "
                          f"JSON ({e})") from None
+    limit = _meta_limit(optimizer)
+    if len(text) > limit:           # what load would refuse: refused before anything is written
+        raise ValueError(f"checkpoint: the hyperparameters and scheduler state take "
+                         f"{len(text)} characters of JSON, more than the {limit} a checkpoint "
+                         "of this optimizer may hold (keys of your own in the param groups "
+                         "must stay small)")
     buffers = optimizer.state_buffers()
     try:
         # a sharded optimizer's other ranks only take part in the gathers
@@ -154,14 +166,19 @@ def _remove_stale_temporaries(folder, name):
     except OSError:
         return
     for entry in names:
-        m = re.fullmatch(r"(\d+)-[a-z0-9_]+\.tmp", entry[len(prefix):]) \
+        # a pid has at most 10 digits (Linux's limit is 2**22): a longer one is not ours
+        m = re.fullmatch(r"(\d{1,10})-[a-z0-9_]+\.tmp", entry[len(prefix):]) \
             if entry.startswith(prefix) else None
         if m is None or _alive(int(m.group(1))):
             continue
         stale = os.path.join(folder, entry)
         try:
-            fd = os.open(stale, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO of that name must not block the save; not a regular file: not ours
+            fd = os.open(stale, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError:
+            continue
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
             continue
         try:
             if fcntl is not None:
@@ -209,8 +226,7 @@ def _load(path, optimizer, scheduler):
         if int(version) != FORMAT_VERSION:
             raise ValueError(f"{where}: format version {int(version)}, this fastopt reads "
                              f"{FORMAT_VERSION}")
-        meta = _read_meta(r, where, _META_CHARS + _META_CHARS_EACH * (
-            len(shapes) + len(optimizer.param_groups)))
+        meta = _read_meta(r, where, _meta_limit(optimizer))
         if meta.get("class") != _kind(optimizer):
             raise ValueError(f"{where} holds a {meta.get('class')!r} optimizer, not a "
                              f"{_kind(optimizer)}")
@@ -291,11 +307,13 @@ def _load(path, optimizer, scheduler):
 
         r.verify()
 
-        # Everything is checked: now change the live objects.
-        for i, view in enumerate(layout.params):
-            r.read_into(f"param/{i}", view.reshape(-1), 0)
+        # Everything is checked: now change the live objects, the state first (apply_state
+        # allocates every buffer it needs before it writes any: a MemoryError leaves all as
+        # it was).
         optimizer.apply_state(new_state, steps, fill=lambda key, k, out, start: r.read_into(
             f"state/{k}/{key}", out, start))
+        for i, view in enumerate(layout.params):
+            r.read_into(f"param/{i}", view.reshape(-1), 0)
         optimizer.skipped_steps = skipped
         if scheduler is not None:
             scheduler.load_state_dict(sched_meta["state"])

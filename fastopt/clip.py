@@ -65,7 +65,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     """
     from fastopt import _core
     backend = _backend or _core
-    max_norm = V.real("max_norm", max_norm, lo=0.0)
+    max_norm = V.real("max_norm", max_norm, lo=0.0, hi=V.FLOAT32_MAX)  # float32 arithmetic
     p = norm_type_arg(norm_type)
     error_if_nonfinite = V.flag("error_if_nonfinite", error_if_nonfinite)
     flat = flat_grads_of(parameters)

@@ -24,6 +24,7 @@ this).  With more ranks MPI may associate the sum differently, which changes the
 mpi4py is imported only when a communicator is needed; it is not a dependency of fastopt's
 core (install the `mpi` extra: mpi4py, and MPICH's wheel for machines without an MPI).
 """
+import contextlib
 import hashlib
 import numbers
 import time
@@ -142,19 +143,31 @@ class _StepCheck:
         self.seconds = 0.0
 
     def __call__(self, closure, zero_grad, grad_multiplier, max_grad_norm, norm_type):
-        """Run the closure and check the step (step()'s arguments) on every rank -> (loss,
-        what apply_step takes); raises on every rank alike."""
+        """Take the optimizer's lock, run the closure and check the step (step()'s arguments)
+        on every rank -> (loss, what apply_step takes), the lock held on every rank (the
+        caller releases it); or raise on every rank alike, the lock released.  A rank whose
+        optimizer another thread holds is a refusal like any other: every rank raises."""
         opt = self.opt
         if self.size == 1:
-            loss = closure() if closure is not None else None
-            return loss, opt.check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
-        error, loss = None, None
+            opt.hold("step")
+            try:
+                loss = closure() if closure is not None else None
+                return loss, opt.check_step(zero_grad, grad_multiplier, max_grad_norm,
+                                            norm_type)
+            except BaseException:
+                opt.release()
+                raise
+        error, loss, held = None, None, False
         try:
+            opt.hold("step")
+            held = True
             if closure is not None:
                 loss = closure()
             t0 = time.perf_counter()
             checked = opt.check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
             _, m, max_norm, norm_type, changed = checked
+            # what the kernel would refuse only after the gradients are reduced: now
+            opt.check_scalars(m, changed)
             if changed is not None or self.digest is None:
                 self.digest = hash(tuple(tuple(_plain(g[k]) for k in self.keys)
                                          for g in opt.param_groups))
@@ -163,11 +176,17 @@ class _StepCheck:
                          0.0 if max_norm is None else norm_type, *opt.step_counts))
         except Exception as e:
             error, code, t0 = e, 0, time.perf_counter()
+        except BaseException:
+            if held:
+                opt.release()
+            raise
         mine, everyone = self._mine, self._all
         mine[0], mine[1] = error is not None, code
         self.comm.Allgather(mine, everyone)
         if error is not None or everyone.tobytes() != mine.tobytes() * self.size:
             self.digest = None                      # recomputed on the next step
+            if held:
+                opt.release()
             self._refuse(error, checked if error is None else None)
         self.seconds = time.perf_counter() - t0
         return loss, checked
@@ -200,6 +219,18 @@ class _StepCheck:
 
 def _kind(opt):
     return opt.spec.name
+
+
+def _agree(comm, error, what, why):
+    """A collective: raise `error` on the rank that had it and a RuntimeError saying `why` on
+    every other rank, if any rank had one; else return on every rank."""
+    errors = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise RuntimeError(f"{what}: {why} (" + "; ".join(f"rank {r}: {e}" for r, e in failed)
+                           + ")")
 
 
 class DataParallel:
@@ -253,31 +284,37 @@ class DataParallel:
         arguments; `last_grad_norm` and clipping then see the averaged gradients).  Every
         argument and hyperparameter is checked, and agreed on by every rank, before the
         Allreduce: on a bad or differing value every rank raises and nothing has changed."""
-        with self.optimizer.exclusive("step"):   # one thread at a time, as Optimizer.step
-            loss, (zero_grad, m, max_grad_norm, norm_type, changed) = self._check(
-                closure, zero_grad, grad_multiplier, max_grad_norm, norm_type)
-            size = self.comm.Get_size()
-            t0 = time.perf_counter()
-            try:
-                self.allreduce_grads()
-                t1 = time.perf_counter()
-                if size > 1:
-                    m = (float(np.float32(m) * np.float32(1.0 / size)) if m != 1.0
-                         else 1.0 / size)
-                result = self.optimizer.apply_step(zero_grad, m, max_grad_norm, norm_type,
-                                                   changed)
-            except BaseException:
-                self._check.forget()
-                raise
-            self.last_step_seconds = {"check": self._check.seconds, "comm": t1 - t0,
-                                      "compute": time.perf_counter() - t1}
-            return loss if closure is not None else result
+        # the check takes the optimizer's lock on every rank (one thread at a time, as
+        # Optimizer.step) or raises on every rank
+        loss, (zero_grad, m, max_grad_norm, norm_type, changed) = self._check(
+            closure, zero_grad, grad_multiplier, max_grad_norm, norm_type)
+        size = self.comm.Get_size()
+        t0 = time.perf_counter()
+        try:
+            self.allreduce_grads()
+            t1 = time.perf_counter()
+            if size > 1:
+                m = float(np.float32(m) * np.float32(1.0 / size)) if m != 1.0 else 1.0 / size
+            result = self.optimizer.apply_step(zero_grad, m, max_grad_norm, norm_type, changed)
+        except BaseException:
+            self._check.forget()
+            raise
+        finally:
+            self.optimizer.release()
+        self.last_step_seconds = {"check": self._check.seconds, "comm": t1 - t0,
+                                  "compute": time.perf_counter() - t1}
+        return loss if closure is not None else result
 
     def save(self, path, scheduler=None):
-        """Rank 0 writes the checkpoint (the state is replicated); every rank must call it."""
+        """Rank 0 writes the checkpoint (the state is replicated); every rank must call it,
+        and every rank raises if rank 0 could not write it."""
+        error = None
         if self.comm.Get_rank() == 0:
-            self.optimizer.save(path, scheduler)
-        self.comm.Barrier()
+            try:
+                self.optimizer.save(path, scheduler)
+            except Exception as e:
+                error = e
+        _agree(self.comm, error, "DataParallel.save", "rank 0 could not write the checkpoint")
 
     def load(self, path, scheduler=None):
         self.optimizer.load(path, scheduler)
@@ -351,13 +388,19 @@ class _Zero:
         counts = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
         displs = self._bounds[:-1]
         root = self.comm.Get_rank() == 0
+        out, error = None, None
+        if root and self._state:            # one buffer for every key, if rank 0 has room
+            try:
+                out = np.empty(self.flat_params.size, np.float32)
+            except MemoryError as e:
+                error = e
+        _agree(self.comm, error, "ZeroRedundancyOptimizer.save",
+               "rank 0 has no room for one full state buffer")
         for key in self.family.buffer_names:           # the same keys on every rank
             if key in self._state:
-                out = np.empty(self.flat_params.size, np.float32) if root else None
                 self.comm.Gatherv(self._state[key],
                                   [out, counts, displs, MPI.FLOAT] if root else None, root=0)
                 yield key, out
-                out = None          # before the next one is gathered
 
     @property
     def state(self):
@@ -369,16 +412,19 @@ class _Zero:
         """Reduce_scatter the gradients, one fused step on this rank's shard, Allgather the
         params.  Every argument and hyperparameter is checked, and agreed on by every rank,
         before the Reduce_scatter (as in DataParallel.step)."""
-        with self.exclusive("step"):   # one thread at a time, as Optimizer.step
-            loss, checked = self._check(closure, zero_grad, grad_multiplier, max_grad_norm,
-                                        norm_type)
-            try:
-                result = self.apply_step(*checked)
-            except BaseException:
-                self._check.forget()
-                raise
-            self.last_step_seconds["check"] = self._check.seconds
-            return loss if closure is not None else result
+        # the check takes the lock on every rank (one thread at a time, as Optimizer.step)
+        # or raises on every rank
+        loss, checked = self._check(closure, zero_grad, grad_multiplier, max_grad_norm,
+                                    norm_type)
+        try:
+            result = self.apply_step(*checked)
+        except BaseException:
+            self._check.forget()
+            raise
+        finally:
+            self.release()
+        self.last_step_seconds["check"] = self._check.seconds
+        return loss if closure is not None else result
 
     def check_step(self, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
                    norm_type=2.0):
@@ -396,11 +442,41 @@ class _Zero:
     def save(self, path, scheduler=None):
         """Gathers the state one buffer at a time to rank 0 (every rank must call it), which
         writes one single-process checkpoint; it resumes on any number of ranks or on one
-        process.  Rank 0 holds one full state buffer at a time, the others nothing more."""
+        process.  Rank 0 holds one full state buffer at a time, the others nothing more.
+        If any rank fails (rank 0 cannot write, say), every rank raises."""
+        with self._held_everywhere("save"):
+            error = None
+            try:
+                super().save(path, scheduler)
+            except Exception as e:
+                error = e
+            _agree(self.comm, error, "ZeroRedundancyOptimizer.save",
+                   "another rank failed to save")
+
+    def state_dict(self):
+        """The single-process state dict, gathered on every rank (a collective)."""
+        with self._held_everywhere("state_dict"):
+            return super().state_dict()
+
+    @contextlib.contextmanager
+    def _held_everywhere(self, what):
+        """The lock on every rank, or on none and a RuntimeError on every rank: a rank whose
+        optimizer another thread holds must not leave the others waiting in a collective."""
+        error = None
         try:
-            super().save(path, scheduler)
+            self.hold(what)
+        except RuntimeError as e:
+            error = e
+        if not self.comm.allreduce(error is None, op=_mpi().LAND):
+            if error is None:
+                self.release()
+            raise error or RuntimeError(
+                f"ZeroRedundancyOptimizer.{what}(): another thread holds this optimizer on "
+                "another rank; no rank has started")
+        try:
+            yield
         finally:
-            self.comm.Barrier()     # also when rank 0 failed to write: no rank is left waiting
+            self.release()
 
 
 _ZERO_CLASSES = {}

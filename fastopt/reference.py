@@ -410,6 +410,11 @@ class Stepper:
                    fields, grad_multiplier, zero_grad)
 
 
+def check_scalars(family, groups, grad_multiplier=1.0):
+    """The C stepper's check of its per-step float32 scalars, which this twin does not make
+    (see the module docstring): nothing to refuse here."""
+
+
 # ---- the public API, the same as fastopt's -----------------------------------------------
 
 for _fam in FAMILIES.values():

@@ -180,19 +180,95 @@ def case_zero_checkpoint_memory():
 
 
 def case_zero_save_failure():
-    """Rank 0 cannot write (no such folder): it raises, and no rank is left waiting in a
-    gather or the barrier."""
+    """Rank 0 cannot write (no such folder), or has no room for a full state buffer: it
+    raises its error, every other rank a RuntimeError saying so, and no rank is left waiting
+    in a gather or the barrier.  The same for DataParallel's save."""
+    import fastopt.distributed as D
     zero = ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.AdamW,
                                    amsgrad=True)
-    feed(zero, 0)
-    zero.step()
+    dp = DataParallel(fastopt.AdamW(groups(params())))
+    for opt in (zero, dp):
+        feed(opt, 0)
+        opt.step()
+        if rank == 0:
+            raises(FileNotFoundError, lambda: opt.save("/nonexistent-folder/ck.npz"))
+        else:
+            raises(RuntimeError, lambda: opt.save("/nonexistent-folder/ck.npz"),
+                   "rank 0: FileNotFoundError")
+
+    class NoRoom:                   # rank 0's numpy, out of memory for a full buffer
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def empty(self, *args, **kw):
+            raise MemoryError("no room (test)")
+    D.np = NoRoom() if rank == 0 else np
     try:
-        zero.save("/nonexistent-folder/ck.npz")
-    except FileNotFoundError:
-        assert rank == 0
-    else:
-        assert rank != 0
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(comm.bcast(d if rank == 0 else None), "ck.npz")
+            if rank == 0:
+                raises(MemoryError, lambda: zero.save(path), "no room")
+            else:
+                raises(RuntimeError, lambda: zero.save(path), "no room for one full state")
+            comm.Barrier()
+            assert not os.path.exists(path)
+    finally:
+        D.np = np
     comm.Barrier()
+
+
+def case_refused_before_reduction():
+    """What used to be refused only after the gradients were reduced, or on one rank only,
+    is refused on every rank before any collective: a per-step scalar past float32 (lr 3e38:
+    lr / (1 - beta1) overflows), and another thread holding one rank's optimizer (step, and
+    ZeRO's gathering save and state_dict).  The gradients stay each rank's own, and the next
+    step sums them once."""
+    import threading
+    for opt in (DataParallel(fastopt.Adam(groups(params()))),
+                ZeroRedundancyOptimizer(groups(params()), optimizer_class=fastopt.Adam)):
+        zero = not isinstance(opt, DataParallel)
+        feed(opt, 0)
+        own = opt.flat_grads.copy()
+        opt.param_groups[0]["lr"] = 3e38
+        raises(ValueError, opt.step, "overflows float32")
+        assert bitwise(opt.flat_grads, own), "lr 3e38: the gradients were reduced"
+        opt.param_groups[0]["lr"] = 1e-3
+
+        holder = opt if zero else opt.optimizer
+        inside, release = threading.Event(), threading.Event()
+
+        def hold():
+            with holder.exclusive("save"):
+                inside.set()
+                release.wait(30)
+        calls = [("step", opt.step)]
+        if zero:
+            calls += [("save", lambda: opt.save(os.devnull)), ("state_dict", opt.state_dict)]
+        for name, call in calls:
+            t = threading.Thread(target=hold) if rank == 0 else None
+            if t:
+                t.start()
+                inside.wait(30)
+            comm.Barrier()
+            if rank == 0:
+                raises(RuntimeError, call, f"{name}(): another thread")
+            else:
+                raises((ValueError, RuntimeError), call, "another")
+            assert bitwise(opt.flat_grads, own), f"{name}: the gradients were reduced"
+            if t:
+                release.set()
+                t.join()
+                inside.clear()
+                release.clear()
+            comm.Barrier()
+
+        opt.step()
+        one = fastopt.Adam(groups(params()))
+        for view, g in zip(one.grads, averaged(0)):
+            view[...] = g
+        one.step()
+        assert bitwise(opt.flat_params, one.flat_params), \
+            f"{type(opt).__name__}: a refused step changed the next one"
 
 
 def case_layout_mismatch():

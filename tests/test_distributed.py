@@ -30,8 +30,11 @@ CASES = {
                    "checkpoint on 2 ranks, all bit-identical",
     "zero_checkpoint_memory": "ZeRO's save holds about one full state buffer extra on rank 0 "
                               "and none on rank 1; load none on either",
-    "zero_save_failure": "rank 0 failing to write a ZeRO checkpoint raises there and leaves "
-                         "no rank waiting",
+    "zero_save_failure": "rank 0 failing to write a checkpoint (no folder, no room for a "
+                         "buffer) raises there, a RuntimeError on the other rank, no hang",
+    "refused_before_reduction": "a per-step scalar past float32, or another thread holding "
+                                "one rank's optimizer: every rank raises before any "
+                                "collective, the gradients stay unreduced",
     "layout_mismatch": "different models on the ranks: a ValueError on every rank, no hang",
     "size_one": "a communicator of size 1: both wrappers are the plain optimizer",
     "every_class": "every optimizer class (with all its state buffers) under DataParallel and "
