@@ -463,25 +463,25 @@ def _one_cycle_at(step, ends, points, strategy):
 
 # ---- the scheduler classes ---------------------------------------------------------------------
 
-# The scheduler that last wrote each optimizer's lrs.  A chainable scheduler built while another
-# one is alive on the same optimizer starts from the lr that one wrote, as torch's does.
-_last_writer = weakref.WeakKeyDictionary()
+# The live schedulers of each optimizer.  A chainable scheduler built while another one of the
+# same optimizer is alive starts from the lr the others left, as torch's does (whichever of them
+# wrote last, and even if the last writer is gone).
+_live = weakref.WeakKeyDictionary()
 
 
-def _note_writer(optimizer, scheduler):
+def _register(optimizer, scheduler):
     try:
-        _last_writer[optimizer] = weakref.ref(scheduler)
+        _live.setdefault(optimizer, weakref.WeakSet()).add(scheduler)
     except TypeError:           # an optimizer without weak references or a hash: no record
         pass
 
 
-def _other_writer(optimizer, scheduler):
+def _others_alive(optimizer, scheduler):
     try:
-        ref = _last_writer.get(optimizer)
+        live = _live.get(optimizer)
     except TypeError:
-        return None
-    writer = None if ref is None else ref()
-    return None if writer is scheduler else writer
+        return False
+    return live is not None and any(s is not scheduler for s in live)
 
 
 _CHAINABLE = ("StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR, CosineAnnealingLR, "
@@ -523,12 +523,12 @@ class LRScheduler:
         self.base_lrs = base_lrs
         self.last_epoch = last_epoch
         self._last_lr = [float(g["lr"]) for g in groups]
-        chained = (self._chainable and last_epoch == -1
-                   and _other_writer(optimizer, self) is not None)
+        chained = self._chainable and last_epoch == -1 and _others_alive(optimizer, self)
         _, commit = self._plan(last_epoch + 1, jump=not chained, initial=True, chained=chained)
         # Everything above may raise; from here on the optimizer is written.
         self._write_initial(groups, last_epoch)
         commit()
+        _register(optimizer, self)
 
     def _initial_base_lrs(self, groups, last_epoch):
         if last_epoch == -1:
@@ -611,7 +611,6 @@ class LRScheduler:
             self.last_epoch = epoch
             self._last_lr = lrs
             self._chained = chained
-            _note_writer(self.optimizer, self)
         return lrs, commit
 
     def _refuse_to_chain(self, current):
@@ -1178,7 +1177,6 @@ class SequentialLR(LRScheduler):
             sub_commit()
             self.last_epoch = epoch
             self._last_lr = list(sub._last_lr)
-            _note_writer(self.optimizer, self)
         return lrs, commit
 
     def get_lr(self):
@@ -1278,7 +1276,6 @@ class ChainedScheduler(LRScheduler):
             for c in commits:
                 c()
             self._last_lr = list(lrs)
-            _note_writer(self.optimizer, self)
         return lrs, commit
 
     def state_dict(self):

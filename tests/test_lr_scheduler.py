@@ -6,6 +6,7 @@ its scheduler from a module argument, so the same code builds torch's and ours.
 """
 import copy
 import functools
+import gc
 import json
 import math
 import warnings
@@ -316,6 +317,35 @@ def test_an_lr_set_by_hand_is_scaled_as_torch_does():
     ours = run_with_edit(S, fastopt_optimizer("sgd"))
     theirs = run_with_edit(torch.optim.lr_scheduler, torch_optimizer("sgd"))
     assert ours[10][0] == 0.5 * 0.9
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL)
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+def test_a_scheduler_built_beside_a_live_one_chains_when_the_last_writer_is_gone():
+    """The last scheduler to write the lr was collected, an older one is alive: a new one
+    scales the lr that one left, as torch's (it used to start over from the base lr)."""
+    def run_with_dropped(module, opt):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = module.ExponentialLR(opt, 0.9)
+            for _ in range(5):
+                opt.step()
+                a.step()
+            b = module.StepLR(opt, 100)         # built, then dropped before anything steps
+            del b
+            gc.collect()
+            c = module.LinearLR(opt, 0.5, 1.0, 4)
+            out = [[g["lr"] for g in opt.param_groups]]
+            for _ in range(10):
+                opt.step()
+                a.step()
+                c.step()
+                out.append([g["lr"] for g in opt.param_groups])
+        return out
+
+    ours = run_with_dropped(S, fastopt_optimizer("sgd"))
+    theirs = run_with_dropped(torch.optim.lr_scheduler, torch_optimizer("sgd"))
+    assert ours[0][0] == 0.1 * 0.9 ** 5 * 0.5
     np.testing.assert_allclose(ours, theirs, rtol=RTOL)
 
 
