@@ -43,11 +43,19 @@ Departures from torch, common to every class:
   ``_chained``.  ``load_state_dict`` checks everything before it changes anything, and takes
   torch's state dict of the same class too (OneCycleLR's into one built with the same
   arguments: torch keeps them in the optimizer's groups).
-* ``last_epoch=k >= 0`` (resuming; needs ``initial_lr`` in every group, as torch) sets the lr
-  to the schedule's value at step k+1 in every class; torch does so in some classes and in
-  others (ExponentialLR, LinearLR, CosineAnnealingLR) leaves the lr as it is.
 * ``step(epoch)`` (deprecated in torch) jumps to that step without a warning.  The scheduler
   does not wrap ``optimizer.step`` to warn about call order.
+
+``last_epoch=k >= 0`` (resuming; needs ``initial_lr`` in every group, as torch) is torch's,
+quirks included: construction takes the step to k+1 from each group's current lr by the
+chainable form, and a chainable scheduler follows the group's lr from then on, so that
+schedulers resumed together compose.  So StepLR, MultiStepLR and ConstantLR apply their change
+at step k+1 (right when the restored lr is the one at step k), while ExponentialLR, LinearLR
+and CosineAnnealingLR keep the lr (right when it is the one at step k+1): resumed with the
+other k, torch's and these apply a change twice or lag a step.  LambdaLR, OneCycleLR (as
+torch's) and WarmupCosineLR set their value at step k+1 from the base lr.  ConstantLR with
+factor=0 raises a ValueError where the chainable form would divide by the factor (torch's
+raises ZeroDivisionError).
 """
 import bisect
 import math
@@ -501,8 +509,8 @@ class LRScheduler:
     follows its closed form, ``get_lr()``.  A chainable one (``_chainable``; it also defines
     ``_chained_lr(lrs)``, torch's ``get_lr``: the next lrs from the groups' current ones)
     switches for good to torch's chainable form when it finds a group's lr other than the one
-    it wrote last, or when it is built while another scheduler of the optimizer is alive: it
-    then scales whatever the others (or a hand edit) left, as torch's does, so that the effects
+    it wrote last, when it is built while another scheduler of the optimizer is alive, or when
+    it is built with last_epoch >= 0 (resuming; see the module's docstring): it then scales whatever the others (or a hand edit) left, as torch's does, so that the effects
     multiply.  A jump to a step (``step(epoch)``, a SequentialLR milestone) uses the closed
     form, as torch's, and starts it over.  A scheduler that is not chainable (LambdaLR,
     OneCycleLR, WarmupCosineLR) raises a ValueError at such a step, where torch's would
@@ -523,7 +531,10 @@ class LRScheduler:
         self.base_lrs = base_lrs
         self.last_epoch = last_epoch
         self._last_lr = [float(g["lr"]) for g in groups]
-        chained = self._chainable and last_epoch == -1 and _others_alive(optimizer, self)
+        # Resuming (last_epoch >= 0), torch's step to last_epoch + 1 scales the group's lr by
+        # its chainable form, and its scheduler follows the group's lr from then on: so does a
+        # chainable one here (else the second of two schedulers resumed erases the first's).
+        chained = self._chainable and (last_epoch >= 0 or _others_alive(optimizer, self))
         _, commit = self._plan(last_epoch + 1, jump=not chained, initial=True, chained=chained)
         # Everything above may raise; from here on the optimizer is written.
         self._write_initial(groups, last_epoch)
@@ -862,7 +873,8 @@ class LinearLR(LRScheduler):
 class ConstantLR(LRScheduler):
     """lr = base_lr * factor for step < total_iters, then base_lr  (`constant_lr`).
 
-    torch's closed form; factor=0 works (torch's chainable form divides by it).
+    torch's closed form; factor=0 works alone (torch's chainable form divides by it), but not
+    composed or resumed with last_epoch up to step total_iters (a ValueError there).
     """
 
     _config = ("factor", "total_iters")
@@ -888,7 +900,8 @@ class ConstantLR(LRScheduler):
         if self.factor == 0:
             raise ValueError(f"ConstantLR with factor=0 cannot end its factor at step "
                              f"total_iters={self.total_iters} while another scheduler also "
-                             "sets the lr (torch's chainable form divides by the factor there)")
+                             "sets the lr, or after resuming with last_epoch (torch's "
+                             "chainable form, used then, divides by the factor there)")
         return [lr * (1.0 / self.factor) for lr in lrs]
 
 
