@@ -43,11 +43,19 @@ Departures from torch, common to every class:
   ``_chained``.  ``load_state_dict`` checks everything before it changes anything, and takes
   torch's state dict of the same class too (OneCycleLR's into one built with the same
   arguments: torch keeps them in the optimizer's groups).
-* ``last_epoch=k >= 0`` (resuming; needs ``initial_lr`` in every group, as torch) sets the lr
-  to the schedule's value at step k+1 in every class; torch does so in some classes and in
-  others (ExponentialLR, LinearLR, CosineAnnealingLR) leaves the lr as it is.
 * ``step(epoch)`` (deprecated in torch) jumps to that step without a warning.  The scheduler
   does not wrap ``optimizer.step`` to warn about call order.
+
+``last_epoch=k >= 0`` (resuming; needs ``initial_lr`` in every group, as torch) is torch's,
+quirks included: construction takes the step to k+1 from each group's current lr by the
+chainable form, and a chainable scheduler follows the group's lr from then on, so that
+schedulers resumed together compose.  So StepLR, MultiStepLR and ConstantLR apply their change
+at step k+1 (right when the restored lr is the one at step k), while ExponentialLR, LinearLR
+and CosineAnnealingLR keep the lr (right when it is the one at step k+1): resumed with the
+other k, torch's and these apply a change twice or lag a step.  LambdaLR, OneCycleLR (as
+torch's) and WarmupCosineLR set their value at step k+1 from the base lr.  ConstantLR with
+factor=0 raises a ValueError where the chainable form would divide by the factor (torch's
+raises ZeroDivisionError).
 """
 import bisect
 import math
@@ -463,25 +471,25 @@ def _one_cycle_at(step, ends, points, strategy):
 
 # ---- the scheduler classes ---------------------------------------------------------------------
 
-# The scheduler that last wrote each optimizer's lrs.  A chainable scheduler built while another
-# one is alive on the same optimizer starts from the lr that one wrote, as torch's does.
-_last_writer = weakref.WeakKeyDictionary()
+# The live schedulers of each optimizer.  A chainable scheduler built while another one of the
+# same optimizer is alive starts from the lr the others left, as torch's does (whichever of them
+# wrote last, and even if the last writer is gone).
+_live = weakref.WeakKeyDictionary()
 
 
-def _note_writer(optimizer, scheduler):
+def _register(optimizer, scheduler):
     try:
-        _last_writer[optimizer] = weakref.ref(scheduler)
+        _live.setdefault(optimizer, weakref.WeakSet()).add(scheduler)
     except TypeError:           # an optimizer without weak references or a hash: no record
         pass
 
 
-def _other_writer(optimizer, scheduler):
+def _others_alive(optimizer, scheduler):
     try:
-        ref = _last_writer.get(optimizer)
+        live = _live.get(optimizer)
     except TypeError:
-        return None
-    writer = None if ref is None else ref()
-    return None if writer is scheduler else writer
+        return False
+    return live is not None and any(s is not scheduler for s in live)
 
 
 _CHAINABLE = ("StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR, CosineAnnealingLR, "
@@ -501,8 +509,8 @@ class LRScheduler:
     follows its closed form, ``get_lr()``.  A chainable one (``_chainable``; it also defines
     ``_chained_lr(lrs)``, torch's ``get_lr``: the next lrs from the groups' current ones)
     switches for good to torch's chainable form when it finds a group's lr other than the one
-    it wrote last, or when it is built while another scheduler of the optimizer is alive: it
-    then scales whatever the others (or a hand edit) left, as torch's does, so that the effects
+    it wrote last, when it is built while another scheduler of the optimizer is alive, or when
+    it is built with last_epoch >= 0 (resuming; see the module's docstring): it then scales whatever the others (or a hand edit) left, as torch's does, so that the effects
     multiply.  A jump to a step (``step(epoch)``, a SequentialLR milestone) uses the closed
     form, as torch's, and starts it over.  A scheduler that is not chainable (LambdaLR,
     OneCycleLR, WarmupCosineLR) raises a ValueError at such a step, where torch's would
@@ -523,12 +531,15 @@ class LRScheduler:
         self.base_lrs = base_lrs
         self.last_epoch = last_epoch
         self._last_lr = [float(g["lr"]) for g in groups]
-        chained = (self._chainable and last_epoch == -1
-                   and _other_writer(optimizer, self) is not None)
+        # Resuming (last_epoch >= 0), torch's step to last_epoch + 1 scales the group's lr by
+        # its chainable form, and its scheduler follows the group's lr from then on: so does a
+        # chainable one here (else the second of two schedulers resumed erases the first's).
+        chained = self._chainable and (last_epoch >= 0 or _others_alive(optimizer, self))
         _, commit = self._plan(last_epoch + 1, jump=not chained, initial=True, chained=chained)
         # Everything above may raise; from here on the optimizer is written.
         self._write_initial(groups, last_epoch)
         commit()
+        _register(optimizer, self)
 
     def _initial_base_lrs(self, groups, last_epoch):
         if last_epoch == -1:
@@ -611,7 +622,6 @@ class LRScheduler:
             self.last_epoch = epoch
             self._last_lr = lrs
             self._chained = chained
-            _note_writer(self.optimizer, self)
         return lrs, commit
 
     def _refuse_to_chain(self, current):
@@ -863,7 +873,8 @@ class LinearLR(LRScheduler):
 class ConstantLR(LRScheduler):
     """lr = base_lr * factor for step < total_iters, then base_lr  (`constant_lr`).
 
-    torch's closed form; factor=0 works (torch's chainable form divides by it).
+    torch's closed form; factor=0 works alone (torch's chainable form divides by it), but not
+    composed or resumed with last_epoch up to step total_iters (a ValueError there).
     """
 
     _config = ("factor", "total_iters")
@@ -889,7 +900,8 @@ class ConstantLR(LRScheduler):
         if self.factor == 0:
             raise ValueError(f"ConstantLR with factor=0 cannot end its factor at step "
                              f"total_iters={self.total_iters} while another scheduler also "
-                             "sets the lr (torch's chainable form divides by the factor there)")
+                             "sets the lr, or after resuming with last_epoch (torch's "
+                             "chainable form, used then, divides by the factor there)")
         return [lr * (1.0 / self.factor) for lr in lrs]
 
 
@@ -1178,7 +1190,6 @@ class SequentialLR(LRScheduler):
             sub_commit()
             self.last_epoch = epoch
             self._last_lr = list(sub._last_lr)
-            _note_writer(self.optimizer, self)
         return lrs, commit
 
     def get_lr(self):
@@ -1278,7 +1289,6 @@ class ChainedScheduler(LRScheduler):
             for c in commits:
                 c()
             self._last_lr = list(lrs)
-            _note_writer(self.optimizer, self)
         return lrs, commit
 
     def state_dict(self):

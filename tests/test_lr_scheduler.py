@@ -6,6 +6,7 @@ its scheduler from a module argument, so the same code builds torch's and ours.
 """
 import copy
 import functools
+import gc
 import json
 import math
 import warnings
@@ -319,6 +320,84 @@ def test_an_lr_set_by_hand_is_scaled_as_torch_does():
     np.testing.assert_allclose(ours, theirs, rtol=RTOL)
 
 
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+def test_a_scheduler_built_beside_a_live_one_chains_when_the_last_writer_is_gone():
+    """The last scheduler to write the lr was collected, an older one is alive: a new one
+    scales the lr that one left, as torch's (it used to start over from the base lr)."""
+    def run_with_dropped(module, opt):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = module.ExponentialLR(opt, 0.9)
+            for _ in range(5):
+                opt.step()
+                a.step()
+            b = module.StepLR(opt, 100)         # built, then dropped before anything steps
+            del b
+            gc.collect()
+            c = module.LinearLR(opt, 0.5, 1.0, 4)
+            out = [[g["lr"] for g in opt.param_groups]]
+            for _ in range(10):
+                opt.step()
+                a.step()
+                c.step()
+                out.append([g["lr"] for g in opt.param_groups])
+        return out
+
+    ours = run_with_dropped(S, fastopt_optimizer("sgd"))
+    theirs = run_with_dropped(torch.optim.lr_scheduler, torch_optimizer("sgd"))
+    assert ours[0][0] == 0.1 * 0.9 ** 5 * 0.5
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL)
+
+
+# Resuming torch's documented way: the optimizer's lrs and 'initial_lr' restored, each scheduler
+# rebuilt with last_epoch=k.  torch's construction then takes one chainable step, to k+1, from
+# the group's lr (StepLR, MultiStepLR and ConstantLR apply their change at k+1; ExponentialLR,
+# LinearLR and CosineAnnealingLR keep the lr), and its schedulers follow the group's lr after.
+# (id, make(module, optimizer, last_epoch) -> the schedulers, built and stepped in that order)
+RESUMED = [
+    ("StepLR", lambda m, o, k: [m.StepLR(o, 3, 0.5, last_epoch=k)]),
+    ("MultiStepLR", lambda m, o, k: [m.MultiStepLR(o, [2, 5, 5, 9], 0.5, last_epoch=k)]),
+    ("ExponentialLR", lambda m, o, k: [m.ExponentialLR(o, 0.9, last_epoch=k)]),
+    ("LinearLR", lambda m, o, k: [m.LinearLR(o, 0.25, 1.0, 8, last_epoch=k)]),
+    ("LinearLR decay to 0", lambda m, o, k: [m.LinearLR(o, 1 / 3, 0.0, 15, last_epoch=k)]),
+    ("ConstantLR", lambda m, o, k: [m.ConstantLR(o, 0.5, 6, last_epoch=k)]),
+    ("CosineAnnealingLR", lambda m, o, k: [m.CosineAnnealingLR(o, 10, 1e-3, last_epoch=k)]),
+    ("ExponentialLR + StepLR", lambda m, o, k: [m.ExponentialLR(o, 0.9, last_epoch=k),
+                                                m.StepLR(o, 3, 0.5, last_epoch=k)]),
+    ("ConstantLR + CosineAnnealingLR", lambda m, o, k: [
+        m.ConstantLR(o, 0.5, 6, last_epoch=k), m.CosineAnnealingLR(o, 10, 1e-3, last_epoch=k)]),
+    ("LinearLR + MultiStepLR", lambda m, o, k: [
+        m.LinearLR(o, 0.25, 1.0, 8, last_epoch=k), m.MultiStepLR(o, [2, 5, 9], 0.5, last_epoch=k)]),
+]
+
+
+def trained_then_resumed(module, new_opt, make, trained, k, steps):
+    """`trained` steps from scratch, then the lrs and initial_lrs copied into a new optimizer
+    (as its load_state_dict would) and the schedulers rebuilt there with last_epoch=k: the
+    lrs at that construction and after each of `steps` further steps."""
+    opt = new_opt()
+    run_together(module, opt, lambda m, o: make(m, o, -1), trained)
+    opt2 = new_opt()
+    for g2, g in zip(opt2.param_groups, opt.param_groups):
+        g2["lr"], g2["initial_lr"] = g["lr"], g["initial_lr"]
+    return run_together(module, opt2, lambda m, o: make(m, o, k), steps)[0]
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+@pytest.mark.parametrize("id_,make", RESUMED, ids=[c[0] for c in RESUMED])
+def test_resuming_with_last_epoch_follows_torch(id_, make):
+    """k = trained - 1 (which ExponentialLR, LinearLR and CosineAnnealingLR expect) and
+    k = trained (which StepLR, MultiStepLR and ConstantLR expect), and every other k: fastopt
+    gives torch's lrs, quirks included (it used to set each scheduler's own closed form at
+    k + 1, so the second scheduler built erased the first one's factor)."""
+    trained = 12
+    for k in range(trained + 2):
+        ours = trained_then_resumed(S, lambda: fastopt_optimizer("sgd"), make, trained, k, 20)
+        theirs = trained_then_resumed(torch.optim.lr_scheduler, lambda: torch_optimizer("sgd"),
+                                      make, trained, k, 20)
+        np.testing.assert_allclose(ours, theirs, rtol=RTOL, atol=1e-17, err_msg=f"{id_}, k={k}")
+
+
 def _lambda_and_exponential(o):
     return [S.LambdaLR(o, lambda e: 0.5 ** e), S.ExponentialLR(o, 0.9)]
 
@@ -501,11 +580,20 @@ def test_sequential_lr_nests():
 
 
 def test_last_epoch_resumes_at_the_next_step():
+    """As torch's, last_epoch=9 takes the step to 10 from the group's lr, which ExponentialLR
+    keeps (the lr restored after 10 steps), and the next step scales it.  (This test used to
+    expect the closed form at step 10 from the base lr whatever the group's lr, which departed
+    from torch; test_resuming_with_last_epoch_follows_torch compares every class.)"""
     opt = fastopt_optimizer("sgd")
     S.ExponentialLR(opt, 0.9)                       # records initial_lr
+    for g in opt.param_groups:
+        g["lr"] = S.exponential_lr(10, g["initial_lr"], 0.9)
     sched = S.ExponentialLR(opt, 0.9, last_epoch=9)
     assert sched.last_epoch == 10
     assert sched.get_last_lr() == [S.exponential_lr(10, b, 0.9) for b in LRS]
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr() == [S.exponential_lr(10, b, 0.9) * 0.9 for b in LRS]
 
 
 def test_lambda_state_keeps_callable_objects_attributes():
@@ -567,6 +655,15 @@ class _Stub:
 
 
 P = functools.partial
+
+
+def _with_initial_lr(opt):
+    """opt with every group's 'initial_lr' recorded, as a resume with last_epoch needs."""
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+    return opt
+
+
 _nan, _inf = float("nan"), float("inf")
 # (id: the class first, make(optimizer) -> the failing call, exception, message pattern);
 # make runs before the snapshot, so schedulers that a call takes are built there.
@@ -579,6 +676,9 @@ CONSTRUCTOR_ERRORS = [
      TypeError, "last_epoch must be an int"),
     ("LRScheduler resume without initial_lr", lambda o: P(S.StepLR, o, 3, last_epoch=5),
      ValueError, r"param_groups\[0\] has no 'initial_lr'"),
+    ("ConstantLR factor 0 resumed at total_iters - 1",
+     lambda o: P(S.ConstantLR, _with_initial_lr(o), 0.0, 4, last_epoch=3), ValueError,
+     "ConstantLR with factor=0 cannot end its factor at step total_iters=4"),
     ("LambdaLR not callable", lambda o: P(S.LambdaLR, o, 0.5), TypeError,
      r"lr_lambda\[0\] must be callable"),
     ("LambdaLR wrong count", lambda o: P(S.LambdaLR, o, [abs]), ValueError,
