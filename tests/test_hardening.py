@@ -2,6 +2,7 @@
 
 Every test here failed before the fix it guards (the hardening issue lists each).
 """
+import os
 import sys
 import threading
 
@@ -315,3 +316,54 @@ def test_scalars_past_float32_are_refused_before_the_kernel_runs(cls, kw):
         opt.step()
     assert np.array_equal(opt.params[0], np.ones(5, np.float32))
     assert opt.step_counts == [0] and opt.state == {}
+
+
+# ---- running out of memory while loading -----------------------------------------------------
+
+@pytest.mark.parametrize("how", ["load_state_dict", "checkpoint"])
+def test_no_room_for_the_state_while_loading_changes_nothing(how, tmp_path, monkeypatch):
+    """A fresh optimizer has no state arenas yet: loading allocates them, and running out of
+    memory on the second one must leave params, state and step counts as they were (before:
+    the params, or a first group's state, were already written)."""
+    saved = _adamw(fastopt)
+    saved.step()
+    path = tmp_path / "ck.npz"
+    saved.save(path)
+    opt = fastopt.AdamW([np.full(4096, 5.0, np.float32), np.full(7, 5.0, np.float32)])
+    made = []
+    real = opt._new_state_arena
+
+    def second_fails(key):
+        if made:
+            raise MemoryError("no room (test)")
+        made.append(key)
+        real(key)
+    monkeypatch.setattr(opt, "_new_state_arena", second_fails)
+    with pytest.raises(MemoryError):
+        if how == "checkpoint":
+            opt.load(path)
+        else:
+            opt.load_state_dict(saved.state_dict())
+    assert np.all(opt.flat_params[:4096] == 5.0) and opt.step_counts == [0]
+    assert opt.state == {}
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    """A key of the user's own in a param group can be large; a checkpoint whose JSON part
+    load would refuse as oversized is refused by save, before anything is written."""
+    opt = fastopt.SGD([{"params": [np.ones(3, np.float32)], "notes": "x" * 1_200_000}])
+    with pytest.raises(ValueError, match="more than the .* a checkpoint of this optimizer"):
+        opt.save(tmp_path / "ck.npz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_stray_file_with_a_huge_pid_does_not_stop_saves(tmp_path):
+    opt = fastopt.SGD([np.ones(3, np.float32)])
+    (tmp_path / ".ck.npz.fastopt-99999999999999999999-abc.tmp").write_bytes(b"")
+    # a FIFO named as a dead writer's temporary (past Linux's largest pid): opening it to
+    # check its lock must not block, and it is not ours to remove
+    fifo = tmp_path / ".ck.npz.fastopt-4194305-fifo.tmp"
+    os.mkfifo(fifo)
+    opt.save(tmp_path / "ck.npz")
+    opt.load(tmp_path / "ck.npz")
+    assert fifo.exists()
