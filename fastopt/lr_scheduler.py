@@ -1149,12 +1149,18 @@ class SequentialLR(LRScheduler):
     optimizer (torch only compares optimizers); milestones must be strictly increasing and
     >= 1 (a milestone at 0 would skip schedulers[0]); schedulers may be SequentialLRs, not
     ChainedSchedulers (which have no step count to restart; torch's fail at the milestone).
-    It is chainable when all its schedulers are.
+    It is chainable when all its schedulers are.  last_epoch >= 0 is refused: torch's resets
+    the lrs to initial_lr and restarts schedulers[0] whatever last_epoch says (0.5, 0.45, ...
+    for a run resumed at step 6); resume with load_state_dict, which both do alike.
     """
 
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
         _param_groups(optimizer)
         last_epoch = _last_epoch(last_epoch)
+        if last_epoch != -1:
+            raise ValueError(f"SequentialLR(last_epoch={last_epoch}): resuming by last_epoch "
+                             "restarts the first scheduler in torch, whatever the step; build "
+                             "it with last_epoch=-1 and load_state_dict(saved) to resume")
         if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, (list, tuple)):
             raise TypeError(f"schedulers must be a list of schedulers, got "
                             f"{type(schedulers).__name__}")

@@ -827,6 +827,9 @@ CONSTRUCTOR_ERRORS = [
      ValueError, r"milestones\[0\] must be >= 1"),
     ("SequentialLR empty", lambda o: P(S.SequentialLR, o, [], []), ValueError,
      "schedulers is empty"),
+    ("SequentialLR resumed by last_epoch", lambda o: P(S.SequentialLR, o, [
+        S.StepLR(o, 3), S.StepLR(o, 5)], [4], last_epoch=6),
+     ValueError, r"SequentialLR\(last_epoch=6\): resuming by last_epoch restarts"),
     ("SequentialLR one scheduler, not a list", lambda o: P(S.SequentialLR, o, S.StepLR(o, 3),
                                                            []),
      TypeError, "schedulers must be a list of schedulers"),
