@@ -27,7 +27,8 @@ or the two stepped one after the other.  A scheduler alone computes the lr from 
 and the step count (torch's closed forms, which agree with its chainable forms to 1.5e-14 on
 1000-step runs); the chainable ones (StepLR, MultiStepLR, ExponentialLR, LinearLR, ConstantLR,
 CosineAnnealingLR) switch to torch's chainable forms, which scale the group's current lr, when
-another scheduler of the optimizer (or a hand edit of ``group["lr"]``) changes it.  LambdaLR,
+another scheduler of the optimizer (or a hand edit of ``group["lr"]``) changes it, and start
+in them when built while the lr is not the group's ``initial_lr``.  LambdaLR,
 OneCycleLR and WarmupCosineLR compute the lr from the base lr alone, as torch's, which then
 overwrite the other's change without a word: here that step raises a ValueError instead.  See
 LRScheduler.
@@ -509,9 +510,11 @@ class LRScheduler:
     follows its closed form, ``get_lr()``.  A chainable one (``_chainable``; it also defines
     ``_chained_lr(lrs)``, torch's ``get_lr``: the next lrs from the groups' current ones)
     switches for good to torch's chainable form when it finds a group's lr other than the one
-    it wrote last, when it is built while another scheduler of the optimizer is alive, or when
-    it is built with last_epoch >= 0 (resuming; see the module's docstring): it then scales whatever the others (or a hand edit) left, as torch's does, so that the effects
-    multiply.  A jump to a step (``step(epoch)``, a SequentialLR milestone) uses the closed
+    it wrote last, when it is built while another scheduler of the optimizer is alive or while
+    a group's lr is not its initial_lr (an earlier scheduler, now gone, or a hand edit moved
+    it), or when it is built with last_epoch >= 0 (resuming; see the module's docstring): it
+    then scales whatever the others (or a hand edit) left, as torch's does, so that the
+    effects multiply.  A jump to a step (``step(epoch)``, a SequentialLR milestone) uses the closed
     form, as torch's, and starts it over.  A scheduler that is not chainable (LambdaLR,
     OneCycleLR, WarmupCosineLR) raises a ValueError at such a step, where torch's would
     overwrite the other's change without a word.
@@ -534,7 +537,12 @@ class LRScheduler:
         # Resuming (last_epoch >= 0), torch's step to last_epoch + 1 scales the group's lr by
         # its chainable form, and its scheduler follows the group's lr from then on: so does a
         # chainable one here (else the second of two schedulers resumed erases the first's).
-        chained = self._chainable and (last_epoch >= 0 or _others_alive(optimizer, self))
+        # So it does when another scheduler is alive, or when the lr is not where a schedule
+        # starts (an earlier scheduler, now gone, or a hand edit moved it from initial_lr):
+        # torch's scales the lr it finds.
+        chained = self._chainable and (
+            last_epoch >= 0 or _others_alive(optimizer, self)
+            or any(float(g["lr"]) != base for g, base in zip(groups, base_lrs)))
         _, commit = self._plan(last_epoch + 1, jump=not chained, initial=True, chained=chained)
         # Everything above may raise; from here on the optimizer is written.
         self._write_initial(groups, last_epoch)
@@ -1141,12 +1149,18 @@ class SequentialLR(LRScheduler):
     optimizer (torch only compares optimizers); milestones must be strictly increasing and
     >= 1 (a milestone at 0 would skip schedulers[0]); schedulers may be SequentialLRs, not
     ChainedSchedulers (which have no step count to restart; torch's fail at the milestone).
-    It is chainable when all its schedulers are.
+    It is chainable when all its schedulers are.  last_epoch >= 0 is refused: torch's resets
+    the lrs to initial_lr and restarts schedulers[0] whatever last_epoch says (0.5, 0.45, ...
+    for a run resumed at step 6); resume with load_state_dict, which both do alike.
     """
 
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
         _param_groups(optimizer)
         last_epoch = _last_epoch(last_epoch)
+        if last_epoch != -1:
+            raise ValueError(f"SequentialLR(last_epoch={last_epoch}): resuming by last_epoch "
+                             "restarts the first scheduler in torch, whatever the step; build "
+                             "it with last_epoch=-1 and load_state_dict(saved) to resume")
         if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, (list, tuple)):
             raise TypeError(f"schedulers must be a list of schedulers, got "
                             f"{type(schedulers).__name__}")

@@ -321,6 +321,32 @@ def test_an_lr_set_by_hand_is_scaled_as_torch_does():
 
 
 @pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+def test_a_scheduler_built_after_another_is_gone_scales_the_lr_it_finds():
+    """ExponentialLR steps 5 times and is dropped; a LinearLR built then scales the lr the
+    first one left, as torch's (it used to start over from the base lr: 0.875 for 0.5167)."""
+    def run(module, opt):
+        a = module.ExponentialLR(opt, 0.9)
+        for _ in range(5):
+            opt.step()
+            a.step()
+        del a
+        gc.collect()
+        c = module.LinearLR(opt, 0.5, 1.0, 4)
+        out = [[g["lr"] for g in opt.param_groups]]
+        for _ in range(6):
+            opt.step()
+            c.step()
+            out.append([g["lr"] for g in opt.param_groups])
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = run(S, fastopt_optimizer("sgd"))
+        theirs = run(torch.optim.lr_scheduler, torch_optimizer("sgd"))
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL)
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
 def test_a_scheduler_built_beside_a_live_one_chains_when_the_last_writer_is_gone():
     """The last scheduler to write the lr was collected, an older one is alive: a new one
     scales the lr that one left, as torch's (it used to start over from the base lr)."""
@@ -511,12 +537,20 @@ def test_closed_forms(fn, expected):
 # ---- behaviour ----------------------------------------------------------------------------------
 
 def test_construction_records_initial_lr_and_sets_step_0():
+    """A group whose lr is not its initial_lr (set by hand here; an earlier scheduler leaves
+    the same) keeps the lr it has, and the schedule scales it, as torch's: StepLR gives
+    [0.1, 0.003] then [0.05, 0.0015] in torch 2.13 (it used to restart group 1 from 0.5)."""
     opt = fastopt_optimizer("sgd")
     opt.param_groups[1]["initial_lr"] = 0.5        # kept, as torch's setdefault
     sched = S.StepLR(opt, 2, 0.5)
     assert [g["initial_lr"] for g in opt.param_groups] == [0.1, 0.5]
     assert sched.base_lrs == [0.1, 0.5] and sched.last_epoch == 0
-    assert [g["lr"] for g in opt.param_groups] == sched.get_last_lr() == [0.1, 0.5]
+    assert [g["lr"] for g in opt.param_groups] == sched.get_last_lr() == [0.1, LRS[1]]
+    for _ in range(2):
+        sched.step()
+    assert sched.get_last_lr() == [0.05, LRS[1] * 0.5]
+    del sched
+    opt.param_groups[1]["lr"] = 0.5
     ws = S.warmup_cosine(opt, 4, 10)
     assert ws.get_last_lr() == [0.1 / 4, 0.5 / 4]
 
@@ -793,6 +827,9 @@ CONSTRUCTOR_ERRORS = [
      ValueError, r"milestones\[0\] must be >= 1"),
     ("SequentialLR empty", lambda o: P(S.SequentialLR, o, [], []), ValueError,
      "schedulers is empty"),
+    ("SequentialLR resumed by last_epoch", lambda o: P(S.SequentialLR, o, [
+        S.StepLR(o, 3), S.StepLR(o, 5)], [4], last_epoch=6),
+     ValueError, r"SequentialLR\(last_epoch=6\): resuming by last_epoch restarts"),
     ("SequentialLR one scheduler, not a list", lambda o: P(S.SequentialLR, o, S.StepLR(o, 3),
                                                            []),
      TypeError, "schedulers must be a list of schedulers"),
