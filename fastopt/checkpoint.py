@@ -57,7 +57,7 @@ import numpy as np
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: the pid alone decides
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 _CHUNK = 8 << 20            # bytes read at a time when loading

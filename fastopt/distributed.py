@@ -24,9 +24,12 @@ this).  With more ranks MPI may associate the sum differently, which changes the
 mpi4py is imported only when a communicator is needed; it is not a dependency of fastopt's
 core (install the `mpi` extra: mpi4py, and MPICH's wheel for machines without an MPI).
 """
+from __future__ import annotations
+
 import hashlib
 import numbers
 import time
+from typing import Any, Dict
 
 import numpy as np
 
@@ -403,7 +406,7 @@ class _Zero:
             self.comm.Barrier()     # also when rank 0 failed to write: no rank is left waiting
 
 
-_ZERO_CLASSES = {}
+_ZERO_CLASSES: Dict[Any, Any] = {}
 
 
 def ZeroRedundancyOptimizer(params, optimizer_class=None, comm=None, **defaults):

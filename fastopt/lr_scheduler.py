@@ -49,12 +49,15 @@ Departures from torch, common to every class:
 * ``step(epoch)`` (deprecated in torch) jumps to that step without a warning.  The scheduler
   does not wrap ``optimizer.step`` to warn about call order.
 """
+from __future__ import annotations
+
 import bisect
 import math
 import numbers
 import types
 import weakref
 from collections.abc import Mapping
+from typing import Any, Tuple
 
 from fastopt import _validate as V
 
@@ -465,7 +468,7 @@ def _one_cycle_at(step, ends, points, strategy):
 
 # The scheduler that last wrote each optimizer's lrs.  A chainable scheduler built while another
 # one is alive on the same optimizer starts from the lr that one wrote, as torch's does.
-_last_writer = weakref.WeakKeyDictionary()
+_last_writer: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _note_writer(optimizer, scheduler):
@@ -509,7 +512,7 @@ class LRScheduler:
     overwrite the other's change without a word.
     """
 
-    _config = ()            # attribute names saved by state_dict
+    _config: Tuple[str, ...] = ()       # attribute names saved by state_dict
     _chainable = False      # True where _chained_lr gives torch's chainable form
     _chained = False        # True once the lr has been found changed by someone else
     _is_initial = False     # True while construction computes the first value (as torch)
