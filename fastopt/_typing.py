@@ -1,5 +1,5 @@
 """The types the public API's annotations and stubs share (fastopt/*.pyi, fastopt._stubs)."""
-from typing import Any, Iterable, Mapping, Protocol, Tuple, TypeVar, Union
+from typing import Any, Dict, Iterable, List, Mapping, Protocol, Tuple, TypeVar, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -28,3 +28,8 @@ class HasFlatGrads(Protocol):
 
 # What clipping takes: an optimizer's whole gradient arena, or a 1-D float32 array.
 Gradients = Union[HasFlatGrads, F32]
+
+
+class HasParamGroups(Protocol):
+    """What a scheduler drives: an optimizer's param groups, each with an 'lr'."""
+    param_groups: List[Dict[str, Any]]

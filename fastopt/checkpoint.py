@@ -42,6 +42,8 @@ one full state buffer on rank 0, nothing on the other ranks); load, an 8 MiB chu
 optimizer that has not stepped allocates its state arenas, as its first step would).
 bench/checkpoint_memory.py measures it.
 """
+from __future__ import annotations
+
 import contextlib
 import json
 import math
@@ -51,6 +53,7 @@ import stat
 import tempfile
 import zipfile
 import zlib
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
@@ -66,7 +69,15 @@ _META_CHARS = 1 << 20       # meta: this many characters, plus _META_CHARS_EACH 
 _META_CHARS_EACH = 1 << 10
 
 
-def save(path, optimizer, scheduler=None):
+if TYPE_CHECKING:
+    from fastopt._optimizer import Optimizer
+    from fastopt.lr_scheduler import LRScheduler
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def save(path: PathLike, optimizer: Optimizer[Any],
+         scheduler: Optional[LRScheduler] = None) -> None:
     """Write `optimizer` (and `scheduler`) to `path` (.npz), atomically.  The optimizer is
     held meanwhile (Optimizer.exclusive): a step from another thread is refused, so the file
     holds one step's params and state."""
@@ -185,7 +196,8 @@ def _alive(pid):
     return True
 
 
-def load(path, optimizer, scheduler=None):
+def load(path: PathLike, optimizer: Optimizer[Any],
+         scheduler: Optional[LRScheduler] = None) -> None:
     """Restore `optimizer` (and `scheduler`) from a checkpoint written by `save`.
 
     Everything is checked first, from the zip's directory and the arrays' headers, and every

@@ -146,3 +146,50 @@ def test_the_package_stub_exports_what_the_package_does():
                 for a in n.names}
     defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert set(fastopt.__all__) <= imported | defined
+
+
+# ---- the README's examples under mypy --strict ----------------------------------------------
+
+def readme_examples():
+    """The README's Python examples: every ```python block but the functional API's signature
+    listing (not a program: it names `param` and `grad` without defining them)."""
+    from test_readme import blocks
+    code = blocks("python")
+    examples = [b for b in code if not b.startswith("sgd_(")]
+    assert len(code) - len(examples) == 1, "exactly one block, the signature listing, is left out"
+    return examples
+
+
+@needs_mypy
+def test_mypy_strict_accepts_the_readme_examples(tmp_path):
+    """What a user's `mypy --strict` says of code like the README's: the stubs and annotations
+    must type every call the examples make (an unannotated one is an error under --strict).
+    fastopt's own modules are followed silently, as an installed package's are."""
+    files = []
+    for i, code in enumerate(readme_examples()):
+        path = tmp_path / f"readme_example_{i}.py"
+        path.write_text(code)
+        files.append(str(path))
+    out = run_mypy(["mypy", "--strict", "--follow-imports=silent", "--no-incremental", *files],
+                   cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"no issues found in {len(files)} source files" in out.stdout
+
+
+@needs_mypy
+def test_mypy_strict_sees_the_generated_signatures(tmp_path):
+    """The check above can fail: a wrong argument to a generated class or function, or a
+    dict-only access on an optimizer of unnamed params, is an error."""
+    path = tmp_path / "wrong.py"
+    path.write_text("import numpy as np\nimport fastopt\n"
+                    "opt = fastopt.AdamW([np.zeros(3, np.float32)], lr='0.1')\n"
+                    "fastopt.adam_(opt.params[0], opt.grads[0], opt.params[0], opt.params[0], "
+                    "step=1, betas=(0.9, 0.99))\n"
+                    "named = fastopt.SGD([np.zeros(3, np.float32)])\n"
+                    "named.params['w']\n")
+    out = run_mypy(["mypy", "--strict", "--follow-imports=silent", "--no-incremental",
+                    str(path)], cwd=tmp_path)
+    assert out.returncode == 1
+    assert 'No overload variant of "AdamW"' in out.stdout
+    assert 'Unexpected keyword argument "betas" for "adam_"' in out.stdout
+    assert 'No overload variant of "__getitem__" of "list"' in out.stdout
