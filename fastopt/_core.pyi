@@ -1,5 +1,5 @@
 # The compiled core (fastopt/_core.pyx), written by hand: checked against the built module by
-# `python -m mypy.stubtest fastopt --allowlist tests/stubtest_allowlist.txt`
+# `python -m mypy.stubtest fastopt._core --allowlist tests/stubtest_allowlist.txt`
 # (tests/test_typing.py runs it).
 from typing import Optional
 
