@@ -79,12 +79,18 @@ def test_the_committed_stubs_are_the_generated_ones():
 
 def test_the_generator_writes_a_new_family_and_class(monkeypatch):
     """The check above bites: a declaration the stubs lack changes what the generator writes."""
+    import dataclasses
+
     from fastopt import _stubs
-    from fastopt.families import OPTIMIZERS
-    spec = OPTIMIZERS["AdamW"]
-    monkeypatch.setitem(OPTIMIZERS, "AdamX", type(spec)(**{**spec.__dict__, "name": "AdamX"}))
-    text = _stubs.stubs()["optim.pyi"]
-    assert "class AdamX(Optimizer[Views]):" in text and text != read_stub("optim.pyi")
+    monkeypatch.setitem(OPTIMIZERS, "AdamX", dataclasses.replace(OPTIMIZERS["AdamW"],
+                                                                 name="AdamX"))
+    monkeypatch.setitem(FAMILIES, "lion2", dataclasses.replace(FAMILIES["lion"], name="lion2"))
+    generated = _stubs.stubs()
+    for name in STUBBED.values():
+        assert generated[name] != read_stub(name), name
+    assert "class AdamX(Optimizer[Views]):" in generated["optim.pyi"]
+    assert "def lion2_(param: F32, grad: F32, exp_avg: F32, *, step: int" in \
+        generated["functional.pyi"]
 
 
 def stub_signatures(name):
