@@ -9,10 +9,22 @@
 `fastopt.functional` has the kernels as functions on 1-D arrays; `fastopt.reference` is the
 same API in pure NumPy, and works where the compiled core is not built.
 """
+from __future__ import annotations
+
+import platform
+from importlib import metadata as _metadata
+from typing import Any
+
+import numpy as np
+
 from fastopt.families import FAMILIES, OPTIMIZERS
 
-__version__ = "0.1.0"
+try:    # pyproject.toml's version, as the installed distribution records it: one source of truth
+    __version__ = _metadata.version("fastopt")
+except _metadata.PackageNotFoundError:    # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
+_core_error: ImportError | None = None
 try:
     from fastopt import _core
 except ImportError as _e:  # the NumPy twin (fastopt.reference) still works
@@ -36,9 +48,25 @@ else:
     del _optim
 
 
-def build_info():
-    """What was built and what runs: compiler and flags, ISA paths, OpenMP and threads."""
-    return {
+def _openmp_libraries() -> list[str] | None:
+    """The OpenMP runtimes mapped into this process (Linux: from /proc/self/maps; None
+    elsewhere).  More than one (torch's vendored libgomp beside the system's, say) is worth
+    knowing in a bug report: each runs its own threads."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f
+                           if "/" in line and "omp" in line.rsplit("/", 1)[-1]})
+    except OSError:
+        return None
+
+
+def build_info() -> dict[str, Any]:
+    """What was built and what runs: the version, compiler and flags, ISA paths, OpenMP (and,
+    on Linux, the OpenMP runtime libraries loaded) and threads; also Python, NumPy and the
+    platform.  `python -m fastopt` prints it, for bug reports."""
+    if _core_error is not None:
+        raise ImportError(f"fastopt's compiled core does not import ({_core_error})")
+    info = {
         "version": __version__,
         "compiler": _core.compiler(),
         "flags": _core.compile_flags(),
@@ -48,7 +76,14 @@ def build_info():
         "num_threads": _core.get_num_threads(),
         "min_per_thread": _core.get_min_per_thread(),
         "families": _core.family_names(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "numpy": np.__version__,
+        "platform": platform.platform(),
     }
+    libs = _openmp_libraries()
+    if libs is not None and info["openmp"]:
+        info["openmp_libraries"] = libs
+    return info
 
 
 __all__ = [*OPTIMIZERS, "Optimizer", "functional", "lr_scheduler",

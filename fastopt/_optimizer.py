@@ -23,11 +23,16 @@ torch.optim are stated in each class's docstring; the common ones:
   over buffers that a second step could start or replace; refusing keeps every step and
   every checkpoint whole).  A closure may call them: the same thread may re-enter.
 """
+from __future__ import annotations
+
 import contextlib
 import functools
 import inspect
 import operator
+import os
 import threading
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterator, List, Mapping,
+                    Optional, Tuple, TypeVar, Union, overload)
 
 import numpy as np
 
@@ -35,7 +40,15 @@ from fastopt import _state_dict
 from fastopt import _validate as V
 from fastopt._arena import Arena, aligned_zeros, parse_params
 from fastopt._family import TORCH_ONLY, check_torch_only, torch_group_keys
+from fastopt._typing import F32, Params, Views
 from fastopt.clip import clip_coefficient, norm_type_arg
+
+if TYPE_CHECKING:
+    from fastopt._family import Family, OptimizerSpec
+    from fastopt.lr_scheduler import LRScheduler
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+_Loss = TypeVar("_Loss")
 
 
 def _product_overflows(grads, multiplier):
@@ -57,7 +70,7 @@ def _same(snapshot, group, seen):
         return False
 
 
-def _exclusive(method):
+def _exclusive(method: _Method) -> _Method:
     """Run `method` holding the optimizer (Optimizer.exclusive)."""
     what = method.__name__
 
@@ -70,10 +83,10 @@ def _exclusive(method):
             return method(self, *args, **kwargs)
         finally:
             lock.release()
-    return wrapper
+    return wrapper  # type: ignore[return-value]   # functools.wraps keeps the signature
 
 
-class Optimizer:
+class Optimizer(Generic[Views]):
     """Base class of every optimizer: the arena, param groups, state and the checks.
 
     A class is `Optimizer` plus an OptimizerSpec (`_spec`, from fastopt.families) and a
@@ -83,11 +96,18 @@ class Optimizer:
     taken) and `_counters` (per group, a family's scalars beside the step).
     """
 
-    _spec = None
-    _backend = None
-    _lock = None        # one thread at a time: see exclusive()
+    _spec: Any = None
+    _backend: Any = None
+    _lock: Any = None        # one thread at a time: see exclusive()
+    skip_nonfinite: bool
+    skipped_steps: int
+    last_grad_norm: Optional[float]
+    defaults: Dict[str, Any]
+    param_groups: List[Dict[str, Any]]
+    __signature__: inspect.Signature      # each class's: torch's (optimizer_class)
 
-    def __init__(self, params, *args, skip_nonfinite=False, **kwargs):
+    def __init__(self, params: Params, *args: Any, skip_nonfinite: bool = False,
+                 **kwargs: Any) -> None:
         spec = self._spec
         if spec is None:
             raise TypeError("Optimizer is a base class: use SGD, Adam, ... (fastopt.families)")
@@ -122,10 +142,10 @@ class Optimizer:
         for i, group in enumerate(self.param_groups):
             group["params"] = [arena.params[k] for k in arena.param_indices(i)]
         ngroups = len(self.param_groups)
-        self._state = {}                                   # buffer name -> state arena
+        self._state: Dict[str, F32] = {}                   # buffer name -> state arena
         self._steps = [0] * ngroups                        # steps taken, per group
         self._counters = [dict(fam.counter_defaults) for _ in range(ngroups)]
-        self._live = [set() for _ in range(ngroups)]       # buffers started, per group
+        self._live: List[set[str]] = [set() for _ in range(ngroups)]  # buffers started, a group
         self._fields = [None] * ngroups                    # kernel fields sent, per group
         self._derived = [None] * ngroups                   # derived fields sent, per group
         self._fresh = [() for _ in range(ngroups)]         # buffers starting next step
@@ -147,44 +167,46 @@ class Optimizer:
     # ---- the public surface ------------------------------------------------------------
 
     @property
-    def params(self):
+    def params(self) -> Views:
         """The parameters: arena views, in the shapes and order given (a dict when named)."""
         a = self._arena
-        return dict(zip(a.names, a.params)) if a.names is not None else list(a.params)
+        return (dict(zip(a.names, a.params)) if a.names is not None  # type: ignore[return-value]
+                else list(a.params))
 
     @property
-    def grads(self):
+    def grads(self) -> Views:
         """The gradients: views parallel to `params`; write them before each `step()`."""
         a = self._arena
-        return dict(zip(a.names, a.grads)) if a.names is not None else list(a.grads)
+        return (dict(zip(a.names, a.grads)) if a.names is not None  # type: ignore[return-value]
+                else list(a.grads))
 
     @property
-    def flat_params(self):
+    def flat_params(self) -> F32:
         """The whole parameter arena, 1-D (with the zero padding between parameters)."""
         return self._arena.flat_params
 
     @property
-    def flat_grads(self):
+    def flat_grads(self) -> F32:
         """The whole gradient arena, 1-D: one buffer to clip, scale or allreduce."""
         return self._arena.flat_grads
 
     @property
-    def spec(self):
+    def spec(self) -> OptimizerSpec:
         """The class declaration (fastopt.families) this optimizer was built from."""
         return self._spec
 
     @property
-    def family(self):
+    def family(self) -> Family:
         """The family declaration (fastopt.families) this optimizer steps."""
         return self._spec.family
 
     @property
-    def layout(self):
+    def layout(self) -> Arena:
         """The arena's layout (fastopt._arena.Arena): shapes, names, offsets, group ranges."""
         return self._arena
 
     @property
-    def state(self):
+    def state(self) -> Dict[int, Dict[str, Any]]:
         """{param index: {'step': int, name: view of the state arena}}, like torch's state.
 
         The arrays are live views in the parameter's shape; `state_dict()` gives copies.
@@ -192,17 +214,17 @@ class Optimizer:
         return self._collect_state(copy=False)
 
     @property
-    def state_nbytes(self):
+    def state_nbytes(self) -> int:
         """Bytes of optimizer state this process holds (a ZeRO rank: its shard's)."""
         return sum(a.nbytes for a in self._state.values())
 
     @property
-    def step_counts(self):
+    def step_counts(self) -> List[int]:
         """Steps taken by each param group (a copy)."""
         return list(self._steps)
 
     @_exclusive
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient: one fill of the gradient arena.
 
         torch's default set_to_none=True frees the gradients; here the gradients are views into
@@ -210,8 +232,19 @@ class Optimizer:
         """
         self._arena.flat_grads.fill(0.0)
 
-    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
-             norm_type=2.0):
+    @overload
+    def step(self, closure: None = None, *, zero_grad: bool = False,
+             grad_multiplier: float = 1.0, max_grad_norm: Optional[float] = None,
+             norm_type: float = 2.0) -> bool: ...
+
+    @overload
+    def step(self, closure: Callable[[], _Loss], *, zero_grad: bool = False,
+             grad_multiplier: float = 1.0, max_grad_norm: Optional[float] = None,
+             norm_type: float = 2.0) -> Union[_Loss, bool]: ...
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, zero_grad: bool = False,
+             grad_multiplier: float = 1.0, max_grad_norm: Optional[float] = None,
+             norm_type: float = 2.0) -> Any:
         """One fused update of every parameter; `closure` (as in torch) recomputes the loss.
 
         zero_grad=True writes zeros into the gradients in the same pass that reads them (the
@@ -246,8 +279,9 @@ class Optimizer:
         finally:
             lock.release()
 
-    def check_step(self, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
-                   norm_type=2.0):
+    def check_step(self, zero_grad: bool = False, grad_multiplier: float = 1.0,
+                   max_grad_norm: Optional[float] = None, norm_type: float = 2.0
+                   ) -> Tuple[bool, float, Optional[float], float, Optional[List[Any]]]:
         """The first half of step(): check its arguments and the hyperparameters of every group
         whose dict changed since the last step, without changing anything -> (zero_grad,
         grad_multiplier, max_grad_norm, norm_type, changed), what `apply_step` takes: the
@@ -276,7 +310,9 @@ class Optimizer:
                 break
         return zero_grad, grad_multiplier, max_grad_norm, norm_type, changed
 
-    def apply_step(self, zero_grad, grad_multiplier, max_grad_norm, norm_type, changed):
+    def apply_step(self, zero_grad: bool, grad_multiplier: float,
+                   max_grad_norm: Optional[float], norm_type: float,
+                   changed: Optional[List[Any]]) -> bool:
         """The second half of step(): the update `check_step` accepted (its values, unchanged
         but for grad_multiplier, which a wrapper may scale) -> False if skip_nonfinite skipped
         it, else True."""
@@ -313,20 +349,20 @@ class Optimizer:
         return True
 
     @_exclusive
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """torch-shaped: {'state': {index: {...}}, 'param_groups': [{..., 'params': [index]}]}.
 
         Arrays are copies in each parameter's shape; 'step' is an int.
         """
         return {"state": self._collect_state(copy=True), "param_groups": self._indexed_groups()}
 
-    def state_outline(self):
+    def state_outline(self) -> Dict[str, Any]:
         """`state_dict()` without the data: each array is a read-only stand-in of its shape and
         dtype that holds no memory (checkpoints describe the state with it, then write the
         buffers one at a time from `state_buffers()`)."""
         return {"state": self._collect_state(copy=None), "param_groups": self._indexed_groups()}
 
-    def state_buffers(self):
+    def state_buffers(self) -> Iterator[Tuple[str, Optional[F32]]]:
         """Yield (name, buffer) for each state buffer: the whole arena-long buffer, live (not a
         copy); `layout.view(buffer, k)` is param k's part.  A sharded optimizer gathers one
         buffer at a time to the rank that writes checkpoints, yielding None on the others (a
@@ -334,7 +370,7 @@ class Optimizer:
         yield from self._full_state().items()
 
     @_exclusive
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore state and hyperparameters from `state_dict()`'s output.
 
         Everything is checked first (structure, group sizes, hyperparameters, keys, shapes,
@@ -343,12 +379,13 @@ class Optimizer:
         """
         self.apply_state(self.check_state_dict(state_dict))
 
-    def check_state_dict(self, state_dict):
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> List[Any]:
         """Check a state dict against this optimizer without loading it -> what
         `apply_state` installs (a TypeError/ValueError says what is wrong)."""
         return _state_dict.check(self._spec, self._arena, self.param_groups, state_dict)
 
-    def apply_state(self, groups, steps=None, fill=None):
+    def apply_state(self, groups: List[Any], steps: Optional[List[int]] = None,
+                    fill: Optional[Callable[[str, int, F32, int], None]] = None) -> None:
         """Install what `check_state_dict` accepted (the second half of load_state_dict);
         `steps`, when given, are the groups' step counts (a checkpoint keeps its own, also for
         groups without state).  `fill(key, k, out, start)`, when given, writes the buffers in
@@ -386,20 +423,22 @@ class Optimizer:
         self._seen = [None] * len(self.param_groups)     # resend everything on the next step
 
     @_exclusive
-    def save(self, path, scheduler=None):
+    def save(self, path: Union[str, os.PathLike[str]],
+             scheduler: Optional[LRScheduler] = None) -> None:
         """Write a checkpoint: params, state, hyperparameters, step counts (and the
         scheduler's state) in one .npz file, atomically.  See fastopt.checkpoint."""
         from fastopt import checkpoint
         checkpoint.save(path, self, scheduler)
 
     @_exclusive
-    def load(self, path, scheduler=None):
+    def load(self, path: Union[str, os.PathLike[str]],
+             scheduler: Optional[LRScheduler] = None) -> None:
         """Restore from a checkpoint written by `save`; on any problem a ValueError, and
         nothing has changed.  See fastopt.checkpoint."""
         from fastopt import checkpoint
         checkpoint.load(path, self, scheduler)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
         for i, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {i}")
@@ -409,7 +448,7 @@ class Optimizer:
         return "\n".join(lines)
 
     @contextlib.contextmanager
-    def exclusive(self, what):
+    def exclusive(self, what: str) -> Iterator[Optimizer[Views]]:
         """Hold this optimizer for one operation `what` (a name for the error message): the
         lock `step`, `zero_grad`, `state_dict`, `load_state_dict`, `save` and `load` take.
         Another thread that tries to enter meanwhile gets a RuntimeError; this thread may

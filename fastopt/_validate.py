@@ -20,7 +20,7 @@ MAX_STEPS = 2 ** 63 - 1
 try:  # NumPy >= 2
     from numpy.lib.array_utils import byte_bounds as _byte_bounds
 except ImportError:  # pragma: no cover - NumPy 1.x
-    _byte_bounds = np.byte_bounds
+    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
 
 
 def real(name, x, *, lo=None, lo_open=False, hi=None, hi_open=False):
@@ -140,8 +140,8 @@ def _address(a):
     try:
         from fastopt._core import address
     except ImportError:
-        def address(a):
-            return a.__array_interface__["data"][0]
+        def address(obj: object) -> int:
+            return obj.__array_interface__["data"][0]  # type: ignore[attr-defined,no-any-return]
     _address = address
     return address(a)
 

@@ -42,6 +42,8 @@ one full state buffer on rank 0, nothing on the other ranks); load, an 8 MiB chu
 optimizer that has not stepped allocates its state arenas, as its first step would).
 bench/checkpoint_memory.py measures it.
 """
+from __future__ import annotations
+
 import contextlib
 import json
 import math
@@ -51,13 +53,14 @@ import stat
 import tempfile
 import zipfile
 import zlib
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: the pid alone decides
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 _CHUNK = 8 << 20            # bytes read at a time when loading
@@ -66,13 +69,21 @@ _META_CHARS = 1 << 20       # meta: this many characters, plus _META_CHARS_EACH 
 _META_CHARS_EACH = 1 << 10
 
 
-def _meta_limit(optimizer):
+if TYPE_CHECKING:
+    from fastopt._optimizer import Optimizer
+    from fastopt.lr_scheduler import LRScheduler
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _meta_limit(optimizer: Optimizer[Any]) -> int:
     """The most characters the meta document of `optimizer`'s checkpoint may have."""
     return _META_CHARS + _META_CHARS_EACH * (len(optimizer.layout.shapes)
                                              + len(optimizer.param_groups))
 
 
-def save(path, optimizer, scheduler=None):
+def save(path: PathLike, optimizer: Optimizer[Any],
+         scheduler: Optional[LRScheduler] = None) -> None:
     """Write `optimizer` (and `scheduler`) to `path` (.npz), atomically.  The optimizer is
     held meanwhile (Optimizer.exclusive): a step from another thread is refused, so the file
     holds one step's params and state."""
@@ -202,7 +213,8 @@ def _alive(pid):
     return True
 
 
-def load(path, optimizer, scheduler=None):
+def load(path: PathLike, optimizer: Optimizer[Any],
+         scheduler: Optional[LRScheduler] = None) -> None:
     """Restore `optimizer` (and `scheduler`) from a checkpoint written by `save`.
 
     Everything is checked first, from the zip's directory and the arrays' headers, and every

@@ -5,17 +5,21 @@ pass, instead of one norm and one scale per tensor.  Folding the scale into the 
 second pass: `opt.step(max_grad_norm=...)` does exactly what `clip_grad_norm_(opt, ...)`
 followed by `opt.step()` does, bit for bit, in two passes instead of three.
 """
+from __future__ import annotations
+
 import math
+from typing import Any, Optional, Union
 
 import numpy as np
 
 from fastopt import _validate as V
+from fastopt._typing import F32, Gradients
 
 # torch adds this to the norm before dividing (clip_coef = max_norm / (total_norm + 1e-6))
 _EPS = np.float32(1e-6)
 
 
-def norm_type_arg(norm_type, name="norm_type"):
+def norm_type_arg(norm_type: Any, name: str = "norm_type") -> float:
     """A norm order: a number > 0, inf, or 'inf' (torch accepts the string)."""
     if isinstance(norm_type, str) and norm_type.lower() == "inf":
         return math.inf
@@ -27,13 +31,13 @@ def norm_type_arg(norm_type, name="norm_type"):
         p = float(norm_type)
     except OverflowError:
         raise ValueError(f"{name} must be a number > 0 within float's range, or inf; got an "
-                         f"int of {norm_type.bit_length()} bits") from None
+                         f"int of {int(norm_type).bit_length()} bits") from None
     if not p > 0.0:                     # also refuses NaN
         raise ValueError(f"{name} must be > 0 (or inf), got {norm_type!r}")
     return p
 
 
-def clip_coefficient(total_norm, max_norm):
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
     """torch's factor, in torch's float32 arithmetic: min(max_norm * 1/(norm + 1e-6), 1).
 
     torch computes `max_norm / (total_norm + 1e-6)` on a float32 tensor, which it evaluates as
@@ -45,15 +49,16 @@ def clip_coefficient(total_norm, max_norm):
     return float(coef) if not coef > 1.0 else 1.0
 
 
-def flat_grads_of(grads, name="parameters"):
+def flat_grads_of(grads: Any, name: str = "parameters") -> F32:
     """The 1-D float32 gradient buffer of an optimizer (its arena) or a flat array."""
     flat = getattr(grads, "flat_grads", grads)
     V.buffers([(name, flat, True)], {})
     return flat
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
-                    foreach=None, *, _backend=None):
+def clip_grad_norm_(parameters: Gradients, max_norm: float, norm_type: Union[float, str] = 2.0,
+                    error_if_nonfinite: bool = False, foreach: Optional[bool] = None, *,
+                    _backend: Any = None) -> float:
     """Scale the gradients in place so that their total norm is at most max_norm.
 
     parameters: a fastopt optimizer (its whole gradient arena) or a 1-D float32 array.
@@ -81,7 +86,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     return total
 
 
-def clip_grad_value_(parameters, clip_value, foreach=None):
+def clip_grad_value_(parameters: Gradients, clip_value: float,
+                     foreach: Optional[bool] = None) -> None:
     """Clamp every gradient to [-clip_value, clip_value] in place (one pass; NaN stays NaN)."""
     clip_value = V.real("clip_value", clip_value, lo=0.0)
     flat = flat_grads_of(parameters)

@@ -24,15 +24,27 @@ this).  With more ranks MPI may associate the sum differently, which changes the
 mpi4py is imported only when a communicator is needed; it is not a dependency of fastopt's
 core (install the `mpi` extra: mpi4py, and MPICH's wheel for machines without an MPI).
 """
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import numbers
 import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, List, Optional, Type, Union
 
 import numpy as np
 
 from fastopt._arena import aligned_zeros
 from fastopt._optimizer import Optimizer
+from fastopt._typing import F32, Params, Views
+
+if TYPE_CHECKING:
+    import os
+
+    from fastopt.lr_scheduler import LRScheduler
+
+# `comm` is an mpi4py communicator (MPI.Comm); typed Any: mpi4py is an optional dependency.
+Comm = Any
 
 
 def _world(comm):
@@ -51,7 +63,7 @@ def _mpi():
     return MPI
 
 
-def check_same_layout(comm, opt, what, **options):
+def check_same_layout(comm: Comm, opt: Optimizer[Any], what: str, **options: Any) -> None:
     """One small collective (a second one only when they differ): every rank's arena layout,
     hyperparameters (every group's, and skip_nonfinite) and `options` must be rank 0's, or every
     rank raises the same ValueError naming the difference (no rank is left waiting in a later
@@ -74,7 +86,7 @@ def check_same_layout(comm, opt, what, **options):
                      "same optimizer, or the replicas drift apart")
 
 
-def hyperparameters(opt):
+def hyperparameters(opt: Optimizer[Any]) -> Dict[str, Any]:
     """{'param_groups[i].key': value} for every group key that steps, as plain Python values
     (a NumPy scalar and the float it holds are one value, a list and a tuple too)."""
     keys = opt.spec.group_keys()
@@ -233,7 +245,7 @@ def _agree(comm, error, what, why):
                            + ")")
 
 
-class DataParallel:
+class DataParallel(Generic[Views]):
     """Data-parallel training: an optimizer whose step averages the gradients of all ranks.
 
     DataParallel(opt, comm=None, bucket_elements=None): `comm` defaults to MPI.COMM_WORLD.
@@ -250,7 +262,27 @@ class DataParallel:
     collective runs.
     """
 
-    def __init__(self, opt, comm=None, bucket_elements=None):
+    if TYPE_CHECKING:    # the wrapped optimizer's, found by __getattr__ at run time
+        param_groups: List[Dict[str, Any]]
+        skip_nonfinite: bool
+        skipped_steps: int
+        last_grad_norm: Optional[float]
+
+        @property
+        def params(self) -> Views: ...
+        @property
+        def grads(self) -> Views: ...
+        @property
+        def flat_params(self) -> F32: ...
+        @property
+        def flat_grads(self) -> F32: ...
+        def zero_grad(self, set_to_none: bool = True) -> None: ...
+        def state_dict(self) -> Dict[str, Any]: ...
+
+    last_step_seconds: Dict[str, float]
+
+    def __init__(self, opt: Optimizer[Views], comm: Comm = None,
+                 bucket_elements: Optional[int] = None) -> None:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"opt must be a fastopt optimizer, got {type(opt).__name__}")
         if bucket_elements is not None and (isinstance(bucket_elements, bool) or
@@ -265,10 +297,10 @@ class DataParallel:
             comm.Bcast(opt.flat_params, root=0)
         self._check = _StepCheck(comm, opt, "DataParallel")
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.optimizer, name)
 
-    def allreduce_grads(self):
+    def allreduce_grads(self) -> None:
         """Sum the gradient arena over the ranks, in place."""
         if self.comm.Get_size() == 1:
             return
@@ -278,8 +310,9 @@ class DataParallel:
         for lo in range(0, g.size, step):
             self.comm.Allreduce(MPI.IN_PLACE, g[lo:lo + step], op=MPI.SUM)
 
-    def step(self, closure=None, *, zero_grad=False, grad_multiplier=1.0, max_grad_norm=None,
-             norm_type=2.0):
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, zero_grad: bool = False,
+             grad_multiplier: float = 1.0, max_grad_norm: Optional[float] = None,
+             norm_type: float = 2.0) -> Any:
         """Average the gradients over the ranks, then the wrapped optimizer's step (same
         arguments; `last_grad_norm` and clipping then see the averaged gradients).  Every
         argument and hyperparameter is checked, and agreed on by every rank, before the
@@ -305,7 +338,8 @@ class DataParallel:
                                   "compute": time.perf_counter() - t1}
         return loss if closure is not None else result
 
-    def save(self, path, scheduler=None):
+    def save(self, path: Union[str, os.PathLike[str]],
+             scheduler: Optional[LRScheduler] = None) -> None:
         """Rank 0 writes the checkpoint (the state is replicated); every rank must call it,
         and every rank raises if rank 0 could not write it."""
         error = None
@@ -316,7 +350,8 @@ class DataParallel:
                 error = e
         _agree(self.comm, error, "DataParallel.save", "rank 0 could not write the checkpoint")
 
-    def load(self, path, scheduler=None):
+    def load(self, path: Union[str, os.PathLike[str]],
+             scheduler: Optional[LRScheduler] = None) -> None:
         self.optimizer.load(path, scheduler)
 
 
@@ -479,10 +514,11 @@ class _Zero:
             self.release()
 
 
-_ZERO_CLASSES = {}
+_ZERO_CLASSES: Dict[Any, Any] = {}
 
 
-def ZeroRedundancyOptimizer(params, optimizer_class=None, comm=None, **defaults):
+def ZeroRedundancyOptimizer(params: Params, optimizer_class: Optional[Type[Optimizer[Any]]] = None,
+                            comm: Comm = None, **defaults: Any) -> Optimizer[Any]:
     """ZeRO stage 1 (torch.distributed.optim.ZeroRedundancyOptimizer's name and shape).
 
     Every rank holds the whole params and grads arenas (`opt.params`, `opt.grads` as in the

@@ -5,11 +5,13 @@ all it takes: the classes, `fastopt.functional`, `fastopt.reference`, the argume
 state dicts, checkpoints and test tables are built from these declarations.  The math of each
 family is written out in its C file and in its class docstring (`doc`).
 """
+from typing import Dict
+
 from fastopt._family import (NONNEG, POSITIVE, UNIT, UNIT_OPEN, Buffer, Family, Field,
                              OptimizerSpec, f32)
 
-FAMILIES = {}
-OPTIMIZERS = {}
+FAMILIES: Dict[str, Family] = {}
+OPTIMIZERS: Dict[str, OptimizerSpec] = {}
 
 
 def family(**kw):

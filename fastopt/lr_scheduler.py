@@ -58,14 +58,21 @@ torch's) and WarmupCosineLR set their value at step k+1 from the base lr.  Const
 factor=0 raises a ValueError where the chainable form would divide by the factor (torch's
 raises ZeroDivisionError).
 """
+from __future__ import annotations
+
 import bisect
 import math
 import numbers
 import types
 import weakref
 from collections.abc import Mapping
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from fastopt import _validate as V
+from fastopt._typing import HasParamGroups
+
+# lr_lambda of LambdaLR and lambda_lr: step -> factor
+LRLambda = Callable[[int], float]
 
 __all__ = [
     "LRScheduler", "LambdaLR", "StepLR", "MultiStepLR", "ExponentialLR", "LinearLR",
@@ -246,32 +253,34 @@ def _warmup_cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr):
     return _cosine_annealing_lr(step - warmup_steps, base_lr, total_steps - warmup_steps, min_lr)
 
 
-def lambda_lr(step, base_lr, lr_lambda):
+def lambda_lr(step: int, base_lr: float, lr_lambda: LRLambda) -> float:
     """LambdaLR's lr at `step`: base_lr * lr_lambda(step)."""
     step = _check_step(step)
     base_lr = _real("base_lr", base_lr, lo=0.0)
     return base_lr * _real(f"lr_lambda({step})", lr_lambda(step), lo=0.0)
 
 
-def step_lr(step, base_lr, step_size, gamma=0.1):
+def step_lr(step: int, base_lr: float, step_size: int, gamma: float = 0.1) -> float:
     """StepLR's lr at `step`: base_lr * gamma ** (step // step_size)."""
     a = _step_args(dict(step_size=step_size, gamma=gamma), str)
     return _step_lr(_check_step(step), _real("base_lr", base_lr, lo=0.0), **a)
 
 
-def multi_step_lr(step, base_lr, milestones, gamma=0.1):
+def multi_step_lr(step: int, base_lr: float, milestones: Sequence[int],
+                  gamma: float = 0.1) -> float:
     """MultiStepLR's lr at `step`: base_lr * gamma ** (number of milestones <= step)."""
     a = _multi_step_args(dict(milestones=milestones, gamma=gamma), str)
     return _multi_step_lr(_check_step(step), _real("base_lr", base_lr, lo=0.0), **a)
 
 
-def exponential_lr(step, base_lr, gamma):
+def exponential_lr(step: int, base_lr: float, gamma: float) -> float:
     """ExponentialLR's lr at `step`: base_lr * gamma ** step."""
     a = _exponential_args(dict(gamma=gamma), str)
     return _exponential_lr(_check_step(step), _real("base_lr", base_lr, lo=0.0), **a)
 
 
-def linear_lr(step, base_lr, start_factor=1.0 / 3, end_factor=1.0, total_iters=5):
+def linear_lr(step: int, base_lr: float, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
+              total_iters: int = 5) -> float:
     """LinearLR's lr at `step`: base_lr times a factor going linearly from start_factor at
     step 0 to end_factor at step total_iters, then staying there."""
     a = _linear_args(dict(start_factor=start_factor, end_factor=end_factor,
@@ -279,14 +288,15 @@ def linear_lr(step, base_lr, start_factor=1.0 / 3, end_factor=1.0, total_iters=5
     return _linear_lr(_check_step(step), _real("base_lr", base_lr, lo=0.0), **a)
 
 
-def constant_lr(step, base_lr, factor=1.0 / 3, total_iters=5):
+def constant_lr(step: int, base_lr: float, factor: float = 1.0 / 3,
+                total_iters: int = 5) -> float:
     """ConstantLR's lr at `step`: base_lr * factor before step total_iters, base_lr from it
     on (computed as torch's closed form, base_lr * (factor + (1 - factor)))."""
     a = _constant_args(dict(factor=factor, total_iters=total_iters), str)
     return _constant_lr(_check_step(step), _real("base_lr", base_lr, lo=0.0), **a)
 
 
-def cosine_annealing_lr(step, base_lr, T_max, eta_min=0.0):
+def cosine_annealing_lr(step: int, base_lr: float, T_max: int, eta_min: float = 0.0) -> float:
     """CosineAnnealingLR's closed form at `step`:
     eta_min + (base_lr - eta_min) * (1 + cos(pi * step / T_max)) / 2.
 
@@ -296,8 +306,9 @@ def cosine_annealing_lr(step, base_lr, T_max, eta_min=0.0):
     return _cosine_annealing_lr(_check_step(step), _real("base_lr", base_lr, lo=0.0), **a)
 
 
-def one_cycle_lr(step, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
-                 div_factor=25.0, final_div_factor=1e4, three_phase=False):
+def one_cycle_lr(step: int, max_lr: float, total_steps: int, pct_start: float = 0.3,
+                 anneal_strategy: str = "cos", div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False) -> float:
     """OneCycleLR's lr at `step` (0 <= step <= total_steps); see OneCycleLR for the phases."""
     c = _one_cycle_args(dict(total_steps=total_steps, pct_start=pct_start,
                              anneal_strategy=anneal_strategy, div_factor=div_factor,
@@ -309,8 +320,9 @@ def one_cycle_lr(step, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos"
     return _one_cycle_at(step, ends, lrs, c["anneal_strategy"])
 
 
-def one_cycle_momentum(step, total_steps, pct_start=0.3, anneal_strategy="cos",
-                       base_momentum=0.85, max_momentum=0.95, three_phase=False):
+def one_cycle_momentum(step: int, total_steps: int, pct_start: float = 0.3,
+                       anneal_strategy: str = "cos", base_momentum: float = 0.85,
+                       max_momentum: float = 0.95, three_phase: bool = False) -> float:
     """OneCycleLR's momentum (or beta1) at `step`: max_momentum where the lr is lowest,
     base_momentum at its peak, annealed like the lr."""
     c = _one_cycle_args(dict(total_steps=total_steps, pct_start=pct_start,
@@ -323,7 +335,7 @@ def one_cycle_momentum(step, total_steps, pct_start=0.3, anneal_strategy="cos",
     return _one_cycle_at(step, ends, points, c["anneal_strategy"])
 
 
-def linear_warmup_lr(step, base_lr, warmup_steps):
+def linear_warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     """base_lr * (step + 1) / warmup_steps during the warm-up, base_lr from step
     warmup_steps - 1 on: the first step already trains, at base_lr / warmup_steps.
 
@@ -334,7 +346,8 @@ def linear_warmup_lr(step, base_lr, warmup_steps):
                              _int("warmup_steps", warmup_steps, 1))
 
 
-def warmup_cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr=0.0):
+def warmup_cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int,
+                     min_lr: float = 0.0) -> float:
     """WarmupCosineLR's lr at `step`, with W = warmup_steps and T = total_steps:
 
         step < W:       base_lr * (step + 1) / W            (linear_warmup_lr)
@@ -475,7 +488,7 @@ def _one_cycle_at(step, ends, points, strategy):
 # The live schedulers of each optimizer.  A chainable scheduler built while another one of the
 # same optimizer is alive starts from the lr the others left, as torch's does (whichever of them
 # wrote last, and even if the last writer is gone).
-_live = weakref.WeakKeyDictionary()
+_live: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _register(optimizer, scheduler):
@@ -520,13 +533,16 @@ class LRScheduler:
     overwrite the other's change without a word.
     """
 
-    _config = ()            # attribute names saved by state_dict
+    _config: Tuple[str, ...] = ()       # attribute names saved by state_dict
+    optimizer: HasParamGroups
+    base_lrs: List[float]
+    last_epoch: int
     _chainable = False      # True where _chained_lr gives torch's chainable form
     _chained = False        # True once the lr has been found changed by someone else
     _is_initial = False     # True while construction computes the first value (as torch)
     _jump = False           # True when the value at last_epoch is wanted without its history
 
-    def __init__(self, optimizer, last_epoch=-1):
+    def __init__(self, optimizer: HasParamGroups, last_epoch: int = -1) -> None:
         groups = _param_groups(optimizer)
         last_epoch = _last_epoch(last_epoch)
         base_lrs = self._initial_base_lrs(groups, last_epoch)
@@ -568,15 +584,15 @@ class LRScheduler:
 
     # ---- stepping ----
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         """Every group's lr at step `last_epoch` (subclasses define it; `step` calls it)."""
         raise NotImplementedError
 
-    def get_last_lr(self):
+    def get_last_lr(self) -> List[float]:
         """The lr of every group that the last step (or construction) wrote."""
         return list(self._last_lr)
 
-    def step(self, epoch=None):
+    def step(self, epoch: Optional[int] = None) -> None:
         """Advance one step and write the new lr into every param group.
 
         Call it after `optimizer.step()`, as in torch.  `epoch` (deprecated in torch) jumps to
@@ -644,7 +660,7 @@ class LRScheduler:
 
     # ---- state ----
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """{'last_epoch', 'base_lrs', '_last_lr', '_chained', and each hyperparameter}:
         JSON-plain values.  torch's load_state_dict takes it too (but for MultiStepLR, whose
         milestones torch keeps in a Counter)."""
@@ -654,7 +670,7 @@ class LRScheduler:
             sd[key] = _plain(key, getattr(self, key))
         return sd
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore `state_dict()`'s output (hyperparameters included, as torch), or the
         state_dict() of torch's scheduler of the same class (its call bookkeeping,
         ``_step_count``, ``_is_initial`` and ``_get_lr_called_within_step``, is checked and
@@ -666,7 +682,7 @@ class LRScheduler:
         """
         self._load_plan(state_dict, "state_dict")()
 
-    def check_state_dict(self, state_dict):
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> Any:
         """The checks of `load_state_dict` without the load: raises as it would, changes
         nothing (a checkpoint checks its scheduler's state before it changes anything)."""
         self._load_plan(state_dict, "state_dict")
@@ -711,7 +727,10 @@ class LambdaLR(LRScheduler):
     not finite raises a ValueError at the step that computes it (torch passes it on).
     """
 
-    def __init__(self, optimizer, lr_lambda, last_epoch=-1):
+    lr_lambdas: List[LRLambda]
+
+    def __init__(self, optimizer: HasParamGroups,
+                 lr_lambda: Union[LRLambda, Sequence[LRLambda]], last_epoch: int = -1) -> None:
         n = len(_param_groups(optimizer))
         if isinstance(lr_lambda, (list, tuple)):
             if len(lr_lambda) != n:
@@ -726,14 +745,14 @@ class LambdaLR(LRScheduler):
         self.lr_lambdas = fns
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         e = self.last_epoch
         return [base * _real(f"lr_lambda[{i}]({e})", f(e), lo=0.0)
                 for i, (f, base) in enumerate(zip(self.lr_lambdas, self.base_lrs))]
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        saved = []
+        saved: List[Any] = []
         for i, f in enumerate(self.lr_lambdas):
             if isinstance(f, types.FunctionType) or not hasattr(f, "__dict__"):
                 saved.append(None)
@@ -777,14 +796,18 @@ class StepLR(LRScheduler):
 
     _config = ("step_size", "gamma")
 
-    def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
+    step_size: int
+    gamma: float
+
+    def __init__(self, optimizer: HasParamGroups, step_size: int, gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
         self.__dict__.update(self._check_config(dict(step_size=step_size, gamma=gamma), str))
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_step_args)
     _chainable = True
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return [_step_lr(self.last_epoch, b, self.step_size, self.gamma) for b in self.base_lrs]
 
     def _chained_lr(self, lrs):
@@ -804,14 +827,18 @@ class MultiStepLR(LRScheduler):
 
     _config = ("milestones", "gamma")
 
-    def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1):
+    milestones: List[int]
+    gamma: float
+
+    def __init__(self, optimizer: HasParamGroups, milestones: Sequence[int], gamma: float = 0.1,
+                 last_epoch: int = -1) -> None:
         self.__dict__.update(self._check_config(dict(milestones=milestones, gamma=gamma), str))
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_multi_step_args)
     _chainable = True
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return [_multi_step_lr(self.last_epoch, b, self.milestones, self.gamma)
                 for b in self.base_lrs]
 
@@ -828,14 +855,16 @@ class ExponentialLR(LRScheduler):
 
     _config = ("gamma",)
 
-    def __init__(self, optimizer, gamma, last_epoch=-1):
+    gamma: float
+
+    def __init__(self, optimizer: HasParamGroups, gamma: float, last_epoch: int = -1) -> None:
         self.__dict__.update(self._check_config(dict(gamma=gamma), str))
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_exponential_args)
     _chainable = True
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return [_exponential_lr(self.last_epoch, b, self.gamma) for b in self.base_lrs]
 
     def _chained_lr(self, lrs):
@@ -855,8 +884,12 @@ class LinearLR(LRScheduler):
 
     _config = ("start_factor", "end_factor", "total_iters")
 
-    def __init__(self, optimizer, start_factor=1.0 / 3, end_factor=1.0, total_iters=5,
-                 last_epoch=-1):
+    start_factor: float
+    end_factor: float
+    total_iters: int
+
+    def __init__(self, optimizer: HasParamGroups, start_factor: float = 1.0 / 3,
+                 end_factor: float = 1.0, total_iters: int = 5, last_epoch: int = -1) -> None:
         self.__dict__.update(self._check_config(dict(
             start_factor=start_factor, end_factor=end_factor, total_iters=total_iters), str))
         super().__init__(optimizer, last_epoch)
@@ -864,7 +897,7 @@ class LinearLR(LRScheduler):
     _check_config = staticmethod(_linear_args)
     _chainable = True
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return [_linear_lr(self.last_epoch, b, self.start_factor, self.end_factor,
                            self.total_iters) for b in self.base_lrs]
 
@@ -887,7 +920,11 @@ class ConstantLR(LRScheduler):
 
     _config = ("factor", "total_iters")
 
-    def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1):
+    factor: float
+    total_iters: int
+
+    def __init__(self, optimizer: HasParamGroups, factor: float = 1.0 / 3, total_iters: int = 5,
+                 last_epoch: int = -1) -> None:
         self.__dict__.update(self._check_config(dict(factor=factor, total_iters=total_iters),
                                                 str))
         super().__init__(optimizer, last_epoch)
@@ -895,7 +932,7 @@ class ConstantLR(LRScheduler):
     _check_config = staticmethod(_constant_args)
     _chainable = True
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return [_constant_lr(self.last_epoch, b, self.factor, self.total_iters)
                 for b in self.base_lrs]
 
@@ -928,14 +965,18 @@ class CosineAnnealingLR(LRScheduler):
 
     _config = ("T_max", "eta_min")
 
-    def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
+    T_max: int
+    eta_min: float
+
+    def __init__(self, optimizer: HasParamGroups, T_max: int, eta_min: float = 0.0,
+                 last_epoch: int = -1) -> None:
         self.__dict__.update(self._check_config(dict(T_max=T_max, eta_min=eta_min), str))
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_cosine_args)
     _chainable = True
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         e, T, eta = self.last_epoch, self.T_max, self.eta_min
         if self._is_initial and e == 0:
             return list(self.base_lrs)         # torch keeps the lr, which is the base lr
@@ -981,10 +1022,25 @@ class OneCycleLR(LRScheduler):
     _config = ("total_steps", "pct_start", "anneal_strategy", "div_factor", "final_div_factor",
                "three_phase", "max_lr", "cycle_momentum", "base_momentum", "max_momentum")
 
-    def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
-                 pct_start=0.3, anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85,
-                 max_momentum=0.95, div_factor=25.0, final_div_factor=1e4, three_phase=False,
-                 last_epoch=-1):
+    total_steps: int
+    pct_start: float
+    anneal_strategy: str
+    div_factor: float
+    final_div_factor: float
+    three_phase: bool
+    max_lr: List[float]
+    cycle_momentum: bool
+    base_momentum: List[float]
+    max_momentum: List[float]
+
+    def __init__(self, optimizer: HasParamGroups, max_lr: Union[float, Sequence[float]],
+                 total_steps: Optional[int] = None, epochs: Optional[int] = None,
+                 steps_per_epoch: Optional[int] = None, pct_start: float = 0.3,
+                 anneal_strategy: str = "cos", cycle_momentum: bool = True,
+                 base_momentum: Union[float, Sequence[float]] = 0.85,
+                 max_momentum: Union[float, Sequence[float]] = 0.95, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False,
+                 last_epoch: int = -1) -> None:
         _param_groups(optimizer)
         self.optimizer = optimizer
         if epochs is not None or steps_per_epoch is not None:
@@ -1067,7 +1123,7 @@ class OneCycleLR(LRScheduler):
                     extras.append({"momentum": m})
         return lrs, extras
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return self._values()[0]
 
     _TORCH_ONLY = ("_schedule_phases", "_anneal_func_type", "use_beta1")
@@ -1121,19 +1177,25 @@ class WarmupCosineLR(LRScheduler):
 
     _config = ("warmup_steps", "total_steps", "min_lr")
 
-    def __init__(self, optimizer, warmup_steps, total_steps, min_lr=0.0, last_epoch=-1):
+    warmup_steps: int
+    total_steps: int
+    min_lr: float
+
+    def __init__(self, optimizer: HasParamGroups, warmup_steps: int, total_steps: int,
+                 min_lr: float = 0.0, last_epoch: int = -1) -> None:
         self.__dict__.update(self._check_config(dict(
             warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr), str))
         super().__init__(optimizer, last_epoch)
 
     _check_config = staticmethod(_warmup_cosine_args)
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return [_warmup_cosine_lr(self.last_epoch, b, self.warmup_steps, self.total_steps,
                                   self.min_lr) for b in self.base_lrs]
 
 
-def warmup_cosine(optimizer, warmup_steps, total_steps, min_lr=0.0, last_epoch=-1):
+def warmup_cosine(optimizer: HasParamGroups, warmup_steps: int, total_steps: int,
+                  min_lr: float = 0.0, last_epoch: int = -1) -> WarmupCosineLR:
     """The common recipe in one line: WarmupCosineLR(optimizer, warmup_steps, total_steps,
     min_lr), i.e. lr = base_lr * (step+1)/warmup_steps for the first warmup_steps steps, then a
     cosine from base_lr down to min_lr at step total_steps, and min_lr after."""
@@ -1154,7 +1216,8 @@ class SequentialLR(LRScheduler):
     for a run resumed at step 6); resume with load_state_dict, which both do alike.
     """
 
-    def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
+    def __init__(self, optimizer: HasParamGroups, schedulers: Sequence[LRScheduler],
+                 milestones: Sequence[int], last_epoch: int = -1) -> None:
         _param_groups(optimizer)
         last_epoch = _last_epoch(last_epoch)
         if last_epoch != -1:
@@ -1206,10 +1269,10 @@ class SequentialLR(LRScheduler):
             self._last_lr = list(sub._last_lr)
         return lrs, commit
 
-    def get_lr(self):
+    def get_lr(self) -> List[float]:
         return self._schedulers[bisect.bisect_right(self._milestones, self.last_epoch)].get_lr()
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """{'last_epoch', '_milestones', '_last_lr', '_schedulers': [their state dicts]}."""
         return {"last_epoch": self.last_epoch, "_milestones": list(self._milestones),
                 "_last_lr": list(self._last_lr),
@@ -1257,7 +1320,8 @@ class ChainedScheduler(LRScheduler):
     scheduler's values before it writes any.
     """
 
-    def __init__(self, schedulers, optimizer=None):
+    def __init__(self, schedulers: Sequence[LRScheduler],
+                 optimizer: Optional[HasParamGroups] = None) -> None:
         if isinstance(schedulers, LRScheduler) or not isinstance(schedulers, (list, tuple)):
             raise TypeError(f"schedulers must be a list of schedulers, got "
                             f"{type(schedulers).__name__}")
@@ -1289,7 +1353,7 @@ class ChainedScheduler(LRScheduler):
     def _chainable(self):
         return all(s._chainable for s in self._schedulers)
 
-    def step(self):
+    def step(self) -> None:  # type: ignore[override]   # torch's ChainedScheduler takes no epoch
         """Step every scheduler, in order, each from the lrs the one before it wrote."""
         self._step_plan()[1]()
 
@@ -1305,7 +1369,7 @@ class ChainedScheduler(LRScheduler):
             self._last_lr = list(lrs)
         return lrs, commit
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """{'_last_lr', '_schedulers': [their state dicts]}, torch's keys."""
         return {"_last_lr": list(self._last_lr),
                 "_schedulers": [s.state_dict() for s in self._schedulers]}
