@@ -49,6 +49,12 @@ else:
     compile_args = ["-O3", "-std=c99", "-ffp-contract=off", "-fno-math-errno",
                     "-Wall", "-Wextra", "-Wno-unused-function"] + omp
 
+# FASTOPT_PORTABLE=1 compiles the C core as a compiler without GCC's extensions sees it
+# (csrc/internal.h: no always_inline, no vector extensions, no multiversioning: the baseline
+# path alone), so that the path MSVC takes is built and tested on this machine too.
+if os.environ.get("FASTOPT_PORTABLE", "0") == "1":
+    compile_args.append("/DFO_PORTABLE" if sys.platform == "win32" else "-DFO_PORTABLE")
+
 csrc = sorted(glob.glob(os.path.join("csrc", "*.c")))
 # One file per optimizer family; csrc/step.c lists them from this define, so a family is added
 # by adding its file.

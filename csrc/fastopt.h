@@ -21,6 +21,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* MSVC's C compiler spells C99's restrict __restrict before /std:c11 */
+#if defined(_MSC_VER) && !defined(__cplusplus) && !defined(restrict)
+#define restrict __restrict
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif

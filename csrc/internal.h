@@ -9,7 +9,7 @@
  * fo_family record.  Inlining the same body into each is what keeps the paths bitwise
  * identical: the arithmetic is the same explicit fmaf / sqrtf / divide sequence, only the
  * vector width differs.  GCC and Clang accept inlining a default-target body into a caller
- * with a wider target.
+ * with a wider target; other compilers get the baseline alone (see FO_GNU below).
  */
 #ifndef FASTOPT_INTERNAL_H
 #define FASTOPT_INTERNAL_H
@@ -21,9 +21,24 @@
 
 #include "fastopt.h"
 
+/* The compiler-specific parts, and the portable path for every other C compiler (MSVC):
+ * FO_GNU is 1 for GCC and Clang, which have always_inline, GCC's vector extensions and
+ * function multiversioning by target attribute; elsewhere kernels are plain C99 compiled once
+ * for the compiler's default target (build_info() then lists only "baseline").  Building with
+ * -DFO_PORTABLE takes the portable path under GCC too, which is how it is tested here
+ * (.ci/portable). */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(FO_PORTABLE)
+#define FO_GNU 1
 #define FO_INLINE static inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define FO_GNU 0
+#define FO_INLINE static __forceinline
+#else
+#define FO_GNU 0
+#define FO_INLINE static inline
+#endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && FO_GNU
 #define FO_HAVE_X86_64 1
 #define FO_TARGET_X86_64_V3 __attribute__((target("arch=x86-64-v3")))
 #define FO_TARGET_X86_64_V4 __attribute__((target("arch=x86-64-v4")))

@@ -56,6 +56,10 @@ const char *fo_compiler(void)
     return "clang " __clang_version__;
 #elif defined(__GNUC__)
     return "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+#define FO_STR_(x) #x
+#define FO_STR(x) FO_STR_(x)
+    return "msvc " FO_STR(_MSC_FULL_VER);
 #else
     return "unknown";
 #endif

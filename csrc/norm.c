@@ -26,6 +26,7 @@ enum { NORM_L2 = 0, NORM_L1 = 1, NORM_INF = 2, NORM_P = 3 };
 /* L2, L1 and max norms of a block in four-double vectors (GCC/Clang vector extensions): each
  * lane is an IEEE double operation, so the sums come out the same whatever the hardware
  * vector width; element i goes to lane i % 16, and the lanes are combined in a fixed tree. */
+#if FO_GNU
 #if defined(__GNUC__) && !defined(__clang__)
 /* the 32-byte vector helpers are always inlined, so the ABI note about passing them without
  * AVX never applies */
@@ -54,6 +55,7 @@ FO_INLINE v4d vmax_nan(v4d acc, v4d x)
     const v4l take = (v4l)(x > acc) | (v4l)(x != x);
     return (v4d)(((v4l)x & take) | ((v4l)acc & ~take));
 }
+#endif /* FO_GNU; elsewhere block_reduce keeps the same lanes in an array */
 
 FO_INLINE double max_nan(double a, double b)
 {
@@ -75,6 +77,7 @@ FO_INLINE double block_reduce(const float *restrict g, size_t n, const int kind,
         *bad |= nonfinite;
         return acc;
     }
+#if FO_GNU
     v4d a0 = {0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;
     size_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -103,6 +106,41 @@ FO_INLINE double block_reduce(const float *restrict g, size_t n, const int kind,
             r += kind == NORM_L2 ? x * x : fabs(x);
         }
     }
+#else
+    /* the same lanes, one double each: lane k of 16 holds elements i + k (lanes 0-3 are a0,
+     * 4-7 a1, 8-11 a2, 12-15 a3 above), combined in the same tree */
+    double a[16] = {0};
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        for (int k = 0; k < 16; k++) {
+            const double x = (double)g[i + k];
+            if (kind == NORM_L2)
+                a[k] += x * x;
+            else if (kind == NORM_L1)
+                a[k] += fabs(x);
+            else
+                a[k] = max_nan(a[k], fabs(x));
+        }
+    }
+    double r;
+    if (kind == NORM_INF) {
+        double m[4];
+        for (int k = 0; k < 4; k++)
+            m[k] = max_nan(max_nan(a[k], a[4 + k]), max_nan(a[8 + k], a[12 + k]));
+        r = max_nan(max_nan(m[0], m[1]), max_nan(m[2], m[3]));
+        for (; i < n; i++)
+            r = max_nan(r, fabs((double)g[i]));
+    } else {
+        double s[4];
+        for (int k = 0; k < 4; k++)
+            s[k] = (a[k] + a[4 + k]) + (a[8 + k] + a[12 + k]);
+        r = (s[0] + s[1]) + (s[2] + s[3]);
+        for (; i < n; i++) {
+            const double x = (double)g[i];
+            r += kind == NORM_L2 ? x * x : fabs(x);
+        }
+    }
+#endif
     /* float32 squares (or absolute values) cannot overflow a double sum of a block, so a
      * non-finite block result means a NaN or infinite element */
     *bad |= !(fabs(r) <= DBL_MAX);
@@ -145,6 +183,7 @@ double fo_grad_norm(const fo_exec *ex, const float *restrict grad, size_t n, dou
     const size_t nblocks = fo_norm_blocks(n);
     int bad = 0;
     int nt = 1;
+    (void)ex;   /* only threads and ISA paths read it */
 #ifdef _OPENMP
     nt = ex->num_threads;
     if (nt > 1) {

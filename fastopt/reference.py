@@ -60,7 +60,9 @@ def _fma(a, b, c, out):
     exact sum, found from the sum's exact error (TwoSum), and round correctly.
     """
     s = _scratch64(a.size)
-    np.multiply(a, np.float64(b), out=s)
+    # dtype: NumPy 1.x's value-based casting would multiply a float32 array by a float64
+    # scalar in float32, rounding the product (NumPy 2 promotes; this says it for both)
+    np.multiply(a, np.float64(b), out=s, dtype=np.float64)
     np.add(s, c, out=s)
     suspect = (s.view(np.int64) & 0x1FFFFFFF) == 0x10000000
     suspect |= np.abs(s) < 2.0 ** -125
