@@ -18,9 +18,10 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_STEPS = 2 ** 63 - 1
 
 try:  # NumPy >= 2
-    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+    # (the ignores: each line is unknown to mypy under one of the two NumPys)
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds  # type: ignore[import-not-found,unused-ignore]  # noqa: E501
 except ImportError:  # pragma: no cover - NumPy 1.x
-    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
+    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined,unused-ignore]
 
 
 def real(name, x, *, lo=None, lo_open=False, hi=None, hi_open=False):
