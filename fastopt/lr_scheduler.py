@@ -1202,6 +1202,18 @@ def warmup_cosine(optimizer: HasParamGroups, warmup_steps: int, total_steps: int
     return WarmupCosineLR(optimizer, warmup_steps, total_steps, min_lr, last_epoch)
 
 
+def _member_plans(owner, subs, where):
+    """The load plans of a SequentialLR's or ChainedScheduler's schedulers from their saved
+    states `subs` (each checked, nothing committed)."""
+    if not isinstance(subs, (list, tuple)):
+        raise TypeError(f"{where}['_schedulers'] must be a list, got {type(subs).__name__}")
+    if len(subs) != len(owner._schedulers):
+        raise ValueError(f"{where}['_schedulers'] has {len(subs)} entries, this "
+                         f"{type(owner).__name__} has {len(owner._schedulers)} schedulers")
+    return [s._load_plan(d, f"{where}['_schedulers'][{i}]")
+            for i, (s, d) in enumerate(zip(owner._schedulers, subs))]
+
+
 class SequentialLR(LRScheduler):
     """schedulers[i] runs from milestones[i-1] (0 for the first) until milestones[i]; each
     starts over from its step 0 at its milestone.
@@ -1288,14 +1300,7 @@ class SequentialLR(LRScheduler):
         if len(milestones) != len(self._schedulers) - 1:
             raise ValueError(f"{where}['_milestones'] has {len(milestones)} entries, this "
                              f"SequentialLR has {len(self._schedulers)} schedulers")
-        subs = sd["_schedulers"]
-        if not isinstance(subs, (list, tuple)):
-            raise TypeError(f"{where}['_schedulers'] must be a list, got {type(subs).__name__}")
-        if len(subs) != len(self._schedulers):
-            raise ValueError(f"{where}['_schedulers'] has {len(subs)} entries, this SequentialLR "
-                             f"has {len(self._schedulers)} schedulers")
-        commits = [s._load_plan(d, f"{where}['_schedulers'][{i}]")
-                   for i, (s, d) in enumerate(zip(self._schedulers, subs))]
+        commits = _member_plans(self, sd["_schedulers"], where)
 
         def commit():
             for c in commits:
@@ -1379,14 +1384,7 @@ class ChainedScheduler(LRScheduler):
         _keys(where, sd, ("_last_lr", "_schedulers"))
         last_lr = _float_list(f"{where}['_last_lr']", sd["_last_lr"],
                               len(self.optimizer.param_groups))
-        subs = sd["_schedulers"]
-        if not isinstance(subs, (list, tuple)):
-            raise TypeError(f"{where}['_schedulers'] must be a list, got {type(subs).__name__}")
-        if len(subs) != len(self._schedulers):
-            raise ValueError(f"{where}['_schedulers'] has {len(subs)} entries, this "
-                             f"ChainedScheduler has {len(self._schedulers)} schedulers")
-        commits = [s._load_plan(d, f"{where}['_schedulers'][{i}]")
-                   for i, (s, d) in enumerate(zip(self._schedulers, subs))]
+        commits = _member_plans(self, sd["_schedulers"], where)
 
         def commit():
             for c in commits:
