@@ -1,0 +1,439 @@
+"""fastopt's optimizers for PyTorch models on the CPU: the arena behind `torch.optim.Optimizer`.
+
+    import fastopt.torch
+    opt = fastopt.torch.AdamW(model.parameters(), lr=1e-3)   # or model.named_parameters()
+    for x, y in batches:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()     # accumulates straight into the gradient arena
+        opt.step()                          # one fused pass over every parameter
+
+Each class takes what its torch.optim namesake takes (params as tensors, (name, tensor) pairs
+or param-group dicts with per-group overrides, and the same keywords and defaults) and is a
+real subclass of `torch.optim.Optimizer`: torch's lr_scheduler classes, step hooks,
+`state_dict()` / `load_state_dict()` in torch's format and `isinstance` checks work unchanged.
+
+Construction moves every parameter into one arena (`fastopt.optim`'s): `p.data` becomes a view
+of the params arena and `p.grad` a view of the gradient arena, so backward writes the
+gradients where the kernel reads them and `step()` is one C call for the whole model.  Only
+leaf CPU float32 dense tensors that require grad can be moved; anything else is refused with
+an error naming the parameter, before any parameter is touched.
+
+Where it departs from torch.optim, and why:
+
+* **Every parameter of a group is stepped together** (the arena steps ranges, not tensors).
+  torch skips a parameter whose `.grad` is None; here `step()` refuses with a ValueError that
+  names it, having changed nothing, because stepping it with the arena's old gradient would
+  be silently wrong.  `opt.zero_grad()` keeps every gradient bound, as zeros, so a loop that
+  uses it never meets this; parameters that never get a gradient belong out of the optimizer.
+* **A gradient replaced by a new tensor is copied in, never ignored.**  `step()` checks that
+  every `.grad` is still the arena's view (one identity test a parameter); one that is not
+  (after `model.zero_grad()`, which sets them to None before backward makes new ones, or
+  code that assigns `.grad`) is copied into the arena and the view is bound again.  That
+  costs one copy of the gradients on such a step; `opt.zero_grad()` avoids it.
+* `zero_grad(set_to_none=True)` zeroes the gradient arena whatever `set_to_none` says, and
+  binds the views again where they were replaced or set to None.
+* The param groups are fixed at construction: `add_param_group` raises.
+* `opt.state` is built from the arena on each access: buffers are live tensor views (as
+  torch's state holds its tensors), 'step' (and NAdam's 'mu_product') a new float32 0-dim
+  tensor each time, so changing those in place changes nothing here; load a state dict to
+  set them.
+* `state_dict()` is torch's format (live tensors, 'step' as a float32 tensor), and the param
+  groups carry torch's own keys with fastopt's values (`fused=True`, `foreach=None`, ...), so
+  that torch.optim loading it stays on the fused path fastopt's numbers match.
+* Replacing `p.data` (`p.data = t`, `module.to(torch.float64)`) or a gradient's storage
+  (`p.grad.data = t`, `p.grad.set_(t)`) after construction unbinds them in a way the
+  per-step check does not see: don't.  In-place changes (`p.copy_`, `model.load_state_dict`,
+  `clip_grad_norm_`, `p.grad.mul_`) are what the arena expects.
+
+The extras of fastopt's step work here too: `step(zero_grad=True, grad_multiplier=...,
+max_grad_norm=..., norm_type=...)`, `skip_nonfinite=True` in the constructor,
+`fastopt.set_num_threads`.  `opt.core` is the fastopt optimizer behind it (its `flat_grads`
+is one buffer to clip or all-reduce).
+
+`import fastopt` never imports torch; this module does, and says how to install it.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import operator
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Optional
+
+from fastopt import optim as _optim
+from fastopt.families import OPTIMIZERS
+
+try:
+    # imported by name so that a type checker does not analyse all of torch for this module
+    # (the classes below are typed as subclasses of Any)
+    torch: Any = importlib.import_module("torch")
+except ImportError as _e:   # pragma: no cover - torch is a test peer here
+    raise ImportError(
+        "fastopt.torch needs PyTorch, which is not installed: `pip install 'fastopt[torch]'` "
+        "or `pip install torch` (for the CPU-only build: `pip install torch --index-url "
+        "https://download.pytorch.org/whl/cpu`)") from _e
+
+_grad_of = operator.attrgetter("grad")
+_is = operator.is_
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base class of fastopt.torch's optimizers: a torch.optim.Optimizer whose parameters and
+    gradients live in a fastopt arena (see the module docstring).  Use SGD, Adam, AdamW, ..."""
+
+    _core_class: Any = None
+    __signature__: inspect.Signature
+
+    def __init__(self, params: Any, *args: Any, skip_nonfinite: bool = False,
+                 **kwargs: Any) -> None:
+        if self._core_class is None:
+            raise TypeError("fastopt.torch.Optimizer is a base class: use SGD, Adam, AdamW, ...")
+        groups = _parse(params)
+        flat = [(t, label) for g in groups for t, label in zip(g["params"], g["labels"])]
+        _check_tensors(flat)
+        core_groups = []
+        for g in groups:
+            arrays = [t.detach().numpy() for t in g["params"]]
+            items = list(zip(g["names"], arrays)) if g["names"] is not None else arrays
+            core_groups.append({"params": items, **g["options"]})
+        # every argument and hyperparameter is checked here, before any parameter is touched
+        core = self._core_class(core_groups, *args, skip_nonfinite=skip_nonfinite, **kwargs)
+        torch_groups = []
+        for g, cg in zip(groups, core.param_groups):
+            tg = {k: v for k, v in cg.items() if k != "params"}
+            tg["params"] = (list(zip(g["names"], g["params"])) if g["names"] is not None
+                            else list(g["params"]))
+            torch_groups.append(tg)
+        self._constructing = True
+        try:
+            super().__init__(torch_groups, dict(core.defaults))
+        finally:
+            self._constructing = False
+        # the core steps the groups torch's schedulers and user code edit: one dict a group
+        core.param_groups = self.param_groups
+        self._core = core
+        self._params = [t for t, _ in flat]
+        self._labels = [label for _, label in flat]
+        self._bind()
+
+    # ---- the binding ---------------------------------------------------------------------
+
+    def _bind(self):
+        """Move each parameter into the arena: p.data and p.grad become views of it (a
+        gradient already there is kept, copied in)."""
+        layout = self._core.layout
+        grads = []
+        with torch.no_grad():
+            for k, p in enumerate(self._params):
+                old = p.grad
+                g = torch.from_numpy(layout.grads[k])
+                if old is not None:
+                    g.copy_(old)
+                p.data = torch.from_numpy(layout.params[k])
+                p.grad = g
+                grads.append(g)
+        self._grads = grads
+
+    def _rebind(self, copy):
+        """Bind again every gradient that is no longer the arena's view: copied in (copy=True,
+        before a step) or left as the arena's zeros (zero_grad).  Checks every one first."""
+        missing, bad = [], []
+        for k, (p, g) in enumerate(zip(self._params, self._grads)):
+            now = p.grad
+            if now is g:
+                continue
+            if now is None:
+                missing.append(self._labels[k])
+            elif copy and not (isinstance(now, torch.Tensor) and now.shape == p.shape and
+                               now.dtype == torch.float32 and now.device.type == "cpu" and
+                               now.layout == torch.strided):
+                bad.append(f"{self._labels[k]} has a gradient of "
+                           f"{_describe(now)}, the parameter is {_describe(p)}")
+        if copy and missing:
+            raise ValueError(
+                f"step(): the gradient of {_some(missing)} is None.  torch.optim would skip "
+                "such a parameter; fastopt steps every parameter of a group together and will "
+                "not step one with the arena's old gradient, so nothing was changed.  Zero "
+                "the gradients with this optimizer's zero_grad() (which keeps them bound, as "
+                "zeros) rather than model.zero_grad() or set_to_none, or leave parameters "
+                "that get no gradient out of the optimizer")
+        if bad:
+            raise ValueError(f"step(): {_some(bad)}; nothing was changed")
+        with torch.no_grad():
+            for p, g in zip(self._params, self._grads):
+                now = p.grad
+                if now is not g:
+                    if copy:
+                        g.copy_(now)
+                    p.grad = g
+
+    # ---- torch.optim.Optimizer's surface ---------------------------------------------------
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, zero_grad: bool = False,
+             grad_multiplier: float = 1.0, max_grad_norm: Optional[float] = None,
+             norm_type: float = 2.0) -> Any:
+        """One fused update of every parameter; `closure` (as in torch) recomputes the loss,
+        which is returned.  The keywords are fastopt's (`fastopt.Optimizer.step`): zero_grad=
+        True zeroes the gradients in the same pass, grad_multiplier scales them first,
+        max_grad_norm clips by their global norm_type-norm.  With skip_nonfinite, a NaN or
+        infinite gradient skips the update (`skipped_steps` counts it)."""
+        core = self._core
+        core.hold("step")
+        try:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not all(map(_is, map(_grad_of, self._params), self._grads)):
+                self._rebind(copy=True)
+            core.step(zero_grad=zero_grad, grad_multiplier=grad_multiplier,
+                      max_grad_norm=max_grad_norm, norm_type=norm_type)
+        finally:
+            core.release()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero every gradient: one fill of the gradient arena.  The gradients stay bound as
+        views of the arena whatever `set_to_none` says (None would unbind them); any that were
+        replaced or set to None are bound again."""
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            core = self._core
+            with core.exclusive("zero_grad"):
+                core.zero_grad()
+                if not all(map(_is, map(_grad_of, self._params), self._grads)):
+                    self._rebind(copy=False)
+
+    @property
+    def state(self) -> Dict[Any, Dict[str, Any]]:
+        """{param tensor: {'step': float32 tensor, buffer: live tensor view}}, as torch's."""
+        out: Dict[Any, Dict[str, Any]] = defaultdict(dict)
+        scalars = ("step",) + tuple(self._core.family.counter_defaults)
+        for k, entry in self._core.state.items():
+            out[self._params[k]] = {
+                key: (torch.tensor(float(v), dtype=torch.float32) if key in scalars
+                      else torch.from_numpy(v)) for key, v in entry.items()}
+        return out
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if not getattr(self, "_constructing", False):
+            raise AttributeError("the state lives in the arena: use load_state_dict()")
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load `state_dict()`'s output, or torch.optim's namesake's (torch's step tensors and
+        buffers; floating buffers are cast to float32 as torch casts them to the param's
+        dtype).  torch's load_state_dict pre- and post-hooks run as in torch.  Everything is
+        checked before anything is written: on any problem a TypeError or ValueError, and
+        nothing has changed."""
+        core = self._core
+        with core.exclusive("load_state_dict"):
+            state_dict = state_dict.copy()      # shallow, as torch
+            for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+                result = pre_hook(self, state_dict)
+                if result is not None:
+                    state_dict = result
+            scalars = ("step",) + tuple(core.family.counter_defaults)
+            plan = core.check_state_dict(_as_numpy(state_dict, scalars))
+            names = [g.get("param_names") for g in self.param_groups]
+            core.apply_state(plan)
+            for g, n in zip(self.param_groups, names):
+                if n is not None and "param_names" not in g:
+                    g["param_names"] = n        # as torch: a state dict without names keeps ours
+            for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+                post_hook(self)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if getattr(self, "_constructing", False):
+            super().add_param_group(param_group)
+            return
+        raise RuntimeError(f"{type(self).__name__}.add_param_group: the arena is laid out "
+                           "once, at construction, and cannot grow; give every param group to "
+                           "the constructor (a group may start with lr=0)")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(f"a fastopt.torch.{type(self).__name__} cannot be pickled or copied (its "
+                        "parameters live in its arena): save and load its state_dict()")
+
+    # ---- fastopt's extras ------------------------------------------------------------------
+
+    @property
+    def core(self) -> Any:
+        """The fastopt optimizer (fastopt.optim) that holds the arena and steps it."""
+        return self._core
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        return bool(self._core.skip_nonfinite)
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        self._core.skip_nonfinite = value
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by skip_nonfinite."""
+        return int(self._core.skipped_steps)
+
+    @property
+    def last_grad_norm(self) -> Optional[float]:
+        """The gradient norm the last step computed (max_grad_norm or skip_nonfinite)."""
+        return self._core.last_grad_norm
+
+    @property
+    def step_counts(self) -> List[int]:
+        """Steps taken by each param group."""
+        return list(self._core.step_counts)
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state held."""
+        return int(self._core.state_nbytes)
+
+
+# ---- parsing torch's `params` ----------------------------------------------------------------
+
+def _parse(params):
+    """torch's `params` -> [{'params': tensors, 'names': names or None, 'labels': for
+    messages, 'options': the group's other keys}], as torch.optim reads it."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of Tensors, (name, Tensor) pairs or dicts, "
+                        f"got a single {torch.typename(params)}; wrap it in a list")
+    if isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
+        raise TypeError("params must be an iterable of Tensors, (name, Tensor) pairs or dicts, "
+                        f"got {type(params).__name__}")
+    raw = list(params)
+    if not raw:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(raw[0], dict):
+        raw = [{"params": raw}]
+    groups = []
+    for i, g in enumerate(raw):
+        where = f"param_groups[{i}]"
+        if not isinstance(g, dict):
+            raise TypeError(f"{where} must be a dict (params mixes dicts with other items)")
+        if "params" not in g:
+            raise ValueError(f"{where} has no 'params' entry")
+        items = g["params"]
+        if isinstance(items, torch.Tensor):
+            items = [items]
+        elif isinstance(items, set):
+            raise TypeError(f"{where}.params is a set, whose order changes between runs: "
+                            "use a list")
+        else:
+            items = list(items)
+        if not items:
+            raise ValueError(f"{where}.params is an empty parameter list")
+        tensors, names = [], []
+        for x in items:
+            if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
+                names.append(x[0])
+                tensors.append(x[1])
+            else:
+                tensors.append(x)
+        if names and len(names) != len(tensors):
+            raise ValueError(f"{where}.params mixes named and unnamed parameters")
+        labels = [f"{where}.params[{j}]" + (f" ({names[j]!r})" if names else "")
+                  for j in range(len(tensors))]
+        options = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        groups.append({"params": tensors, "names": names or None, "labels": labels,
+                       "options": options})
+    named = {g["names"] is not None for g in groups}
+    if len(named) > 1:
+        raise ValueError("all param groups must be given with names ((name, Tensor) pairs, as "
+                         "named_parameters() yields) or all without")
+    return groups
+
+
+def _check_tensors(flat):
+    """Every parameter is a leaf CPU float32 dense tensor that requires grad, each once, and
+    any gradient it has already is one the arena can take."""
+    seen = {}
+    for t, label in flat:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label} is a {type(t).__name__}: an optimizer optimizes Tensors")
+        if id(t) in seen:
+            raise ValueError(f"{label} is the same tensor as {seen[id(t)]}: each parameter may "
+                             "appear once")
+        seen[id(t)] = label
+        if not (t.is_leaf or t.retains_grad):
+            raise ValueError(f"{label}: can't optimize a non-leaf Tensor")
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.layout != torch.strided:
+            raise TypeError(f"{label} is {_describe(t)}: fastopt.torch steps dense CPU "
+                            "float32 parameters only")
+        if not t.requires_grad:
+            raise ValueError(f"{label} does not require grad, so it never gets a gradient; "
+                             "torch.optim would skip it on every step, fastopt steps every "
+                             "parameter of a group: leave it out of the optimizer")
+        if t.is_conj() or t.is_neg():
+            raise TypeError(f"{label} is a lazily conjugated or negated view: pass a "
+                            "materialized tensor")
+        g = t.grad
+        if g is not None and not (isinstance(g, torch.Tensor) and g.shape == t.shape and
+                                  g.device.type == "cpu" and g.layout == torch.strided and
+                                  g.dtype.is_floating_point):
+            raise TypeError(f"{label} already has a gradient of {_describe(g)}, which the "
+                            f"gradient arena cannot take (the parameter is {_describe(t)})")
+
+
+def _describe(t):
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} {tuple(t.shape)} on {t.device}" + (
+        "" if t.layout == torch.strided else f" ({t.layout})")
+
+
+def _some(items, shown=3):
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _as_numpy(state_dict, scalars):
+    """A torch-format state dict -> fastopt's (NumPy arrays; the `scalars`, 'step' and the
+    family's counters, as numbers), for fastopt's check; anything it cannot read is passed on
+    for the check to name."""
+    state = state_dict.get("state") if hasattr(state_dict, "get") else None
+    if not isinstance(state, dict):
+        return state_dict
+    out = {}
+    for pid, entry in state.items():
+        if isinstance(entry, dict):
+            entry = {key: _value(v, key in scalars) for key, v in entry.items()}
+        out[pid] = entry
+    return {**state_dict, "state": out}
+
+
+def _value(v, scalar):
+    if not isinstance(v, torch.Tensor):
+        return v
+    v = v.detach()
+    if scalar and v.dim() == 0:             # 'step', NAdam's mu_product: numbers
+        return v.item()
+    if v.is_floating_point():
+        v = v.to(device="cpu", dtype=torch.float32)
+    return v.cpu().numpy()
+
+
+# ---- the classes ------------------------------------------------------------------------------
+
+def _bridge_class(name):
+    core_class = getattr(_optim, name)
+    sig = core_class.__signature__
+    doc = (f"torch.optim.{name}'s interface over a fastopt arena (fastopt.optim.{name}: its "
+           "math and departures from torch follow).  See fastopt.torch for how the parameters "
+           "are bound.\n\n" + (core_class.__doc__ or ""))
+    cls = type(name, (Optimizer,), {"__doc__": doc, "__module__": __name__,
+                                    "__qualname__": name, "_core_class": core_class,
+                                    "__signature__": sig})
+
+    def __init__(self, params, *args, **kwargs):
+        Optimizer.__init__(self, params, *args, **kwargs)
+    __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined,unused-ignore]
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + list(sig.parameters.values()))
+    __init__.__qualname__ = f"{name}.__init__"
+    cls.__init__ = __init__
+    return cls
+
+
+globals().update({name: _bridge_class(name) for name in OPTIMIZERS})
+__all__ = ["Optimizer", *OPTIMIZERS]
