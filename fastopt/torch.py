@@ -219,6 +219,12 @@ class Optimizer(torch.optim.Optimizer):
         if not getattr(self, "_constructing", False):
             raise AttributeError("the state lives in the arena: use load_state_dict()")
 
+    def state_dict(self) -> Dict[str, Any]:
+        """torch.optim's state_dict() (its hooks run), holding the optimizer meanwhile so that
+        no step in another thread changes the state while it is collected."""
+        with self._core.exclusive("state_dict"):
+            return super().state_dict()
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load `state_dict()`'s output, or torch.optim's namesake's (torch's step tensors and
         buffers; floating buffers are cast to float32 as torch casts them to the param's
