@@ -373,6 +373,14 @@ def _check_tensors(flat):
         if t.is_conj() or t.is_neg():
             raise TypeError(f"{label} is a lazily conjugated or negated view: pass a "
                             "materialized tensor")
+        # recent torch lets a leaf take gradients of another dtype (Tensor.grad_dtype, leaves
+        # only); binding the float32 arena view as its .grad would then fail half-way through
+        # the binding, with some parameters already moved
+        grad_dtype = getattr(t, "grad_dtype", torch.float32) if t.is_leaf else torch.float32
+        if grad_dtype is not None and grad_dtype != torch.float32:
+            raise TypeError(f"{label} has grad_dtype {grad_dtype}: its gradient is bound to "
+                            "the float32 gradient arena; set its grad_dtype to torch.float32 "
+                            "(or None) first")
         g = t.grad
         if g is not None and not (isinstance(g, torch.Tensor) and g.shape == t.shape and
                                   g.device.type == "cpu" and g.layout == torch.strided and

@@ -747,6 +747,13 @@ def _set_of_params():
     return (lambda: ftorch.Adam([{"params": set(lin.parameters())}])), list(lin.parameters())
 
 
+def _float64_grad_dtype():
+    lin = _lin()
+    lin.bias.grad_dtype = torch.float64         # torch then takes float64 gradients only
+    lin.bias.grad = torch.ones(2, dtype=torch.float64)
+    return (lambda: ftorch.Adam(lin.named_parameters())), list(lin.parameters())
+
+
 CONSTRUCTOR_ERRORS = [
     ("float64 param", _float64, TypeError,
      r"param_groups\[0\]\.params\[1\] is torch\.float64 \(3,\) on cpu"),
@@ -758,6 +765,8 @@ CONSTRUCTOR_ERRORS = [
     ("lr=-1", _bad_lr, ValueError, r"^lr must be >= 0"),
     ("a sparse gradient already there", _sparse_grad_at_construction, TypeError,
      r"params\[0\] \('weight'\) already has a gradient of .*sparse_coo"),
+    ("grad_dtype float64", _float64_grad_dtype, TypeError,
+     r"params\[1\] \('bias'\) has grad_dtype torch\.float64"),
     ("a group's params as a set", _set_of_params, TypeError,
      r"param_groups\[0\]\.params is a set, whose order changes between runs"),
 ]
