@@ -159,11 +159,11 @@ def train(model, opt, digits, start, stop, *, zero="opt", scheduler=None, clip=N
     return losses
 
 
-def make_pair(config, make_model=model_a, **fast_kw):
+def make_pair(config, make_model=model_a):
     """Two identical models, one with fastopt.torch's optimizer and one with torch's fused."""
     cls, kw = CONFIGS[config]
     fm, tm = make_model(), make_model()
-    fopt = getattr(ftorch, cls)(fm.parameters(), **kw, **fast_kw)
+    fopt = getattr(ftorch, cls)(fm.parameters(), **kw)
     topt = getattr(torch.optim, cls)(tm.parameters(), **kw, fused=True)
     return fm, fopt, tm, topt
 
@@ -955,10 +955,12 @@ def test_every_registered_class_is_a_torch_optimizer(name):
         tm.load_state_dict(model.state_dict())
         topt = getattr(torch.optim, name)(tm.parameters(), **FULL_STATE[name])
         topt.load_state_dict(opt.state_dict())
+        state = numpy_state(opt)
+        assert numpy_state(topt).keys() == state.keys()
         for k, entry in numpy_state(topt).items():
-            assert entry.keys() == numpy_state(opt)[k].keys()
+            assert entry.keys() == state[k].keys()
             for key in entry:
-                assert_bitwise(entry[key], numpy_state(opt)[k][key], f"torch {name} {key}")
+                assert_bitwise(entry[key], state[k][key], f"torch {name} state[{k}][{key}]")
         small_steps(tm, topt, 1, 3)
         if has_step:
             assert float(topt.state_dict()["state"][0]["step"]) == 6.0
