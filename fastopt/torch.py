@@ -134,15 +134,20 @@ class Optimizer(torch.optim.Optimizer):
                 grads.append(g)
         self._grads = grads
 
-    def _rebind(self, copy):
-        """Bind again every gradient that is no longer the arena's view: copied in (copy=True,
-        before a step) or left as the arena's zeros (zero_grad).  Checks every one first."""
-        missing, bad = [], []
+    def _unbound(self, what, copy):
+        """The indices of the gradients that are no longer the arena's views, each checked to
+        be one the arena can take (copied in before a step: copy=True; zero_grad takes any),
+        before anything is changed."""
+        ks, missing, bad = [], [], []
         for k, (p, g) in enumerate(zip(self._params, self._grads)):
             now = p.grad
             if now is g:
                 continue
-            if now is None:
+            ks.append(k)
+            if not _float32_grads(p):
+                bad.append(f"{self._labels[k]} has grad_dtype {p.grad_dtype}: its gradient "
+                           "is bound to the float32 gradient arena")
+            elif now is None:
                 missing.append(self._labels[k])
             elif copy and not (isinstance(now, torch.Tensor) and now.shape == p.shape and
                                now.dtype == torch.float32 and now.device.type == "cpu" and
@@ -151,21 +156,25 @@ class Optimizer(torch.optim.Optimizer):
                            f"{_describe(now)}, the parameter is {_describe(p)}")
         if copy and missing:
             raise ValueError(
-                f"step(): the gradient of {_some(missing)} is None.  torch.optim would skip "
+                f"{what}(): the gradient of {_some(missing)} is None.  torch.optim would skip "
                 "such a parameter; fastopt steps every parameter of a group together and will "
                 "not step one with the arena's old gradient, so nothing was changed.  Zero "
                 "the gradients with this optimizer's zero_grad() (which keeps them bound, as "
                 "zeros) rather than model.zero_grad() or set_to_none, or leave parameters "
                 "that get no gradient out of the optimizer")
         if bad:
-            raise ValueError(f"step(): {_some(bad)}; nothing was changed")
+            raise ValueError(f"{what}(): {_some(bad)}; nothing was changed")
+        return ks
+
+    def _rebind(self, ks, copy):
+        """Bind the arena's views again as the gradients of parameters `ks` (from _unbound),
+        copying the gradients they had in first (copy=True)."""
         with torch.no_grad():
-            for p, g in zip(self._params, self._grads):
-                now = p.grad
-                if now is not g:
-                    if copy:
-                        g.copy_(now)
-                    p.grad = g
+            for k in ks:
+                p, g = self._params[k], self._grads[k]
+                if copy:
+                    g.copy_(p.grad)
+                p.grad = g
 
     # ---- torch.optim.Optimizer's surface ---------------------------------------------------
 
@@ -185,7 +194,7 @@ class Optimizer(torch.optim.Optimizer):
                 with torch.enable_grad():
                     loss = closure()
             if not all(map(_is, map(_grad_of, self._params), self._grads)):
-                self._rebind(copy=True)
+                self._rebind(self._unbound("step", copy=True), copy=True)
             core.step(zero_grad=zero_grad, grad_multiplier=grad_multiplier,
                       max_grad_norm=max_grad_norm, norm_type=norm_type)
         finally:
@@ -199,9 +208,10 @@ class Optimizer(torch.optim.Optimizer):
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             core = self._core
             with core.exclusive("zero_grad"):
+                ks = ([] if all(map(_is, map(_grad_of, self._params), self._grads))
+                      else self._unbound("zero_grad", copy=False))
                 core.zero_grad()
-                if not all(map(_is, map(_grad_of, self._params), self._grads)):
-                    self._rebind(copy=False)
+                self._rebind(ks, copy=False)
 
     @property
     def state(self) -> Dict[Any, Dict[str, Any]]:
@@ -239,7 +249,7 @@ class Optimizer(torch.optim.Optimizer):
                 if result is not None:
                     state_dict = result
             scalars = ("step",) + tuple(core.family.counter_defaults)
-            plan = core.check_state_dict(_as_numpy(state_dict, scalars))
+            plan = core.check_state_dict(_as_numpy(state_dict, scalars, core.family.has_step))
             names = [g.get("param_names") for g in self.param_groups]
             core.apply_state(plan)
             for g, n in zip(self.param_groups, names):
@@ -373,12 +383,8 @@ def _check_tensors(flat):
         if t.is_conj() or t.is_neg():
             raise TypeError(f"{label} is a lazily conjugated or negated view: pass a "
                             "materialized tensor")
-        # recent torch lets a leaf take gradients of another dtype (Tensor.grad_dtype, leaves
-        # only); binding the float32 arena view as its .grad would then fail half-way through
-        # the binding, with some parameters already moved
-        grad_dtype = getattr(t, "grad_dtype", torch.float32) if t.is_leaf else torch.float32
-        if grad_dtype is not None and grad_dtype != torch.float32:
-            raise TypeError(f"{label} has grad_dtype {grad_dtype}: its gradient is bound to "
+        if not _float32_grads(t):
+            raise TypeError(f"{label} has grad_dtype {t.grad_dtype}: its gradient is bound to "
                             "the float32 gradient arena; set its grad_dtype to torch.float32 "
                             "(or None) first")
         g = t.grad
@@ -387,6 +393,14 @@ def _check_tensors(flat):
                                   g.dtype.is_floating_point):
             raise TypeError(f"{label} already has a gradient of {_describe(g)}, which the "
                             f"gradient arena cannot take (the parameter is {_describe(t)})")
+
+
+def _float32_grads(t):
+    """Whether a float32 tensor can be t's .grad: recent torch lets a leaf take gradients of
+    another dtype (Tensor.grad_dtype, leaves only), and binding the arena's float32 view as its
+    .grad would then fail half-way through a binding, with some parameters already bound."""
+    grad_dtype = getattr(t, "grad_dtype", None) if t.is_leaf else None
+    return grad_dtype is None or grad_dtype == torch.float32
 
 
 def _describe(t):
@@ -401,7 +415,7 @@ def _some(items, shown=3):
     return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
-def _as_numpy(state_dict, scalars):
+def _as_numpy(state_dict, scalars, has_step):
     """A torch-format state dict -> fastopt's (NumPy arrays; the `scalars`, 'step' and the
     family's counters, as numbers), for fastopt's check; anything it cannot read is passed on
     for the check to name."""
@@ -412,6 +426,12 @@ def _as_numpy(state_dict, scalars):
     for pid, entry in state.items():
         if isinstance(entry, dict):
             entry = {key: _value(v, key in scalars) for key, v in entry.items()}
+            step = entry.get("step")
+            if has_step and type(step) in (int, float) and step == 0:
+                raise ValueError(
+                    f"state_dict['state'][{pid!r}]['step'] is 0: a state from before the first "
+                    "step (torch's Adagrad creates one in its constructor); fastopt creates a "
+                    "parameter's state on its first step, so it loads states saved after one")
         out[pid] = entry
     return {**state_dict, "state": out}
 

@@ -836,6 +836,20 @@ def _wrong_class_state(model, opt):
     return lambda: opt.load_state_dict(sd)
 
 
+def _grad_dtype_at_zero_grad(model, opt):
+    p = list(model.parameters())[2]
+    p.grad = None
+    p.grad_dtype = torch.float64                    # the arena's float32 view cannot be bound
+    return opt.zero_grad
+
+
+def _torch_state_before_its_first_step(model, opt):
+    other = torch.optim.Adagrad(model_b().parameters())     # state (step 0) from the start
+    sd = other.state_dict()
+    sd["param_groups"][0].update(opt.state_dict()["param_groups"][0])
+    return lambda: opt.load_state_dict(sd)
+
+
 def _add_param_group(model, opt):
     return lambda: opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
 
@@ -854,6 +868,12 @@ RUNTIME_ERRORS = [
      r"\(20, 96\)"),
     ("another optimizer's state dict", _wrong_class_state, ValueError,
      r"param_groups'\]\[0\] is missing \['betas', 'eps'"),
+    ("zero_grad with a grad_dtype that is not float32", _grad_dtype_at_zero_grad, ValueError,
+     r"zero_grad\(\): param_groups\[0\]\.params\[2\] \('1\.weight'\) has grad_dtype "
+     r"torch\.float64.*nothing was changed"),
+    ("torch's Adagrad state from before its first step", _torch_state_before_its_first_step,
+     ValueError, r"state_dict\['state'\]\[0\]\['step'\] is 0: a state from before the "
+     r"first step"),
     ("add_param_group", _add_param_group, RuntimeError, "add_param_group: the arena is laid out"),
     ("pickle", lambda m, o: (lambda: pickle.dumps(o)), TypeError,
      "fastopt.torch.Adam cannot be pickled"),
