@@ -56,7 +56,9 @@ more than --slow-budget seconds (torch on many-10k: 0.1-1 s a step, so one step 
 fewer: as many as fit in it, at least 3, spread evenly over the other rows' repetitions.
 A row is dropped, saying why, when its first step takes over --max-step seconds, or (torch at
 several threads) when one parallel region times its tensors would.  A case during which other
-processes kept the cores busy is marked "! busy" with the cores they used.
+processes kept the cores busy is marked "! busy" with the cores they used; one whose steps
+turned slow midway stops at 1.5 times its planned time, once every row has 3 repetitions
+("! cut short").
 
 Output: the machine and the command on stdout, then the tables; progress on stderr; under --out
 (bench/results/) a JSON file with the machine, the command line, every row and its samples.
@@ -278,7 +280,7 @@ def train_case(name, threads, torch):
 
 def time_rows(rows, budget, reps, slow, max_step, torch, progress):
     """Fill each row's k, cap and samples (seconds per step of each part): warm-up, then
-    interleaved batches.  -> the repetitions of the fast rows."""
+    interleaved batches.  -> whether the repetitions were cut short."""
     target = budget / reps
     for i, row in enumerate(rows):
         progress(f"warm-up {i + 1}/{len(rows)}")
@@ -308,23 +310,37 @@ def time_rows(rows, budget, reps, slow, max_step, torch, progress):
             row.cap = min(reps, max(MIN_REPS, int(slow / row.per_step)))
     live = [row for row in rows if row.dropped is None]
     if not live:
-        return 0
+        return False
     gc.collect()
+    # As bench/run.py: when steps turn slow midway (other processes taking the cores: a
+    # 2-thread training step then waits in every parallel region), stop at 1.5 times the
+    # planned time, once every row has MIN_REPS repetitions (or its cap, if lower).
+    planned = sum(row.cap * row.k * row.per_step for row in live)
+    cut = False
     gc.disable()              # one row's garbage must not be collected in another row's batch
     try:
+        t0 = time.perf_counter()
         for r in range(reps):
-            progress(f"rep {r + 1}/{reps}")
+            progress(f"rep {r + 1}/{reps}" + (" (cut short: finishing)" if cut else ""))
             for i in range(len(live)):
                 row = live[(i + r) % len(live)]          # rotate who goes first
-                # a capped row's repetitions are spread evenly over the rounds
-                if (r + 1) * row.cap // reps == r * row.cap // reps:
+                if cut:
+                    due = len(row.samples) < min(MIN_REPS, row.cap)
+                else:
+                    # a capped row's repetitions are spread evenly over the rounds
+                    due = (r + 1) * row.cap // reps > r * row.cap // reps
+                if not due:
                     continue
                 suite.set_threads(row.threads, torch)
                 parts = row.run(row.k)
                 row.samples.append(tuple(x / row.k for x in parts))
+            if not cut and time.perf_counter() - t0 > 1.5 * planned:
+                cut = True
+            if cut and all(len(row.samples) >= min(MIN_REPS, row.cap) for row in live):
+                break
     finally:
         gc.enable()
-    return reps
+    return cut
 
 
 def stats(row, part=0):
@@ -347,6 +363,8 @@ def ratio(x):
 
 def note_of(case):
     notes = []
+    if case["cut_short"]:
+        notes.append("! cut short")
     if case["others_cores"] is not None and case["others_cores"] > BUSY:
         notes.append(f"! busy {case['others_cores']:.1f}")
     return notes
@@ -577,7 +595,7 @@ def main(argv=None):
             rows = train_case(name, threads, torch)
             case = dict(kind=kind, model=name, what=describe_model(name, torch))
         cpu.start()
-        case["reps"] = time_rows(rows, budget, reps, slow, max_step, torch, progress)
+        case["cut_short"] = time_rows(rows, budget, reps, slow, max_step, torch, progress)
         case["others_cores"] = cpu.others()
         case["rows"] = summarize(rows, reps)
         case["wall_s"] = time.perf_counter() - case0
@@ -596,6 +614,9 @@ def main(argv=None):
     if trains:
         print_train(trains, threads)
     busy = [c["others_cores"] for c in cases if c["others_cores"] is not None]
+    if any(c["cut_short"] for c in cases):
+        print("\nsteps turned slow midway in some cases (marked '! cut short'): their "
+              "repetitions stopped at 1.5 times the planned time")
     if busy and max(busy) > BUSY:
         print(f"\nother processes kept up to {max(busy):.1f} cores busy during some cases "
               "(marked '!'): rerun on a quiet machine before trusting those rows")
