@@ -1,6 +1,6 @@
 """fastopt.torch against torch.optim: one AdamW step, and a whole training step of a small model.
 
-    python bench/torch_bridge.py                  # about 3 minutes on 2 cores
+    python bench/torch_bridge.py                  # about 2 minutes on 2 idle cores
     python bench/torch_bridge.py --quick          # about 35 s: fewer repetitions, less time
     python bench/torch_bridge.py --layouts many-10k --threads 1 --no-train
 
