@@ -538,9 +538,9 @@ def main(argv=None):
                     help=f"seconds per row per case (default {FULL_TIMING[0]:g}, --quick "
                          f"{QUICK_TIMING[0]:g})")
     ap.add_argument("--slow-budget", type=float, default=None,
-                    help="seconds of repetitions for a row whose steps are slower than "
-                         f"budget/reps (default {FULL_TIMING[2]:g}, --quick {QUICK_TIMING[2]:g}"
-                         f"; at least {MIN_REPS} repetitions whatever it says)")
+                    help="a row whose --reps repetitions would take longer gets as many as "
+                         f"fit in this many seconds (default {FULL_TIMING[2]:g}, --quick "
+                         f"{QUICK_TIMING[2]:g}; at least {MIN_REPS} whatever it says)")
     ap.add_argument("--max-step", type=float, default=None,
                     help="a row whose first step takes longer is dropped (default "
                          f"{FULL_TIMING[3]:g} s, --quick {QUICK_TIMING[3]:g})")
