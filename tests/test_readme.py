@@ -5,6 +5,8 @@ import re
 import numpy as np
 import pytest
 
+from cases import TORCH_SKIP_REASON, torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,4 +50,29 @@ def test_training_example_runs_and_learns(capsys):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["loss"] < 1e-3
     assert np.shares_memory(namespace["w"], namespace["opt"].flat_params)
+    assert "loss" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch is None, reason=TORCH_SKIP_REASON)
+def test_torch_example_trains_in_the_arena(capsys):
+    """The fastopt.torch section's example: an nn.Module, named_parameters, a torch scheduler,
+    opt.zero_grad() in the loop; the model learns and its parameters live in the arena."""
+    code = [b for b in blocks("python") if "fastopt.torch" in b]
+    assert len(code) == 1
+    before = torch.get_num_threads()
+    # one thread: on a shared 2-core machine a busy core makes every 2-thread parallel region
+    # of the forward and backward wait (the example took 10 s instead of 0.2 s)
+    torch.set_num_threads(1)
+    try:
+        ns = {}
+        exec(compile(code[0], "README.md", "exec"), ns)
+    finally:
+        torch.set_num_threads(before)
+    opt, model = ns["opt"], ns["model"]
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert ns["loss"].item() < 0.05
+    assert ns["sched"].last_epoch == 300
+    for p in model.parameters():
+        assert np.shares_memory(p.detach().numpy(), opt.core.flat_params)
+        assert np.shares_memory(p.grad.numpy(), opt.core.flat_grads)
     assert "loss" in capsys.readouterr().out

@@ -166,11 +166,17 @@ def test_the_package_stub_exports_what_the_package_does():
 
 def readme_examples():
     """The README's Python examples: every ```python block but the functional API's signature
-    listing (not a program: it names `param` and `grad` without defining them)."""
+    listing (not a program: it names `param` and `grad` without defining them) and the
+    fastopt.torch example.  That one is left out because mypy cannot check it here: torch is
+    not installed everywhere this runs (.ci/matrix), fastopt.torch builds its classes at import
+    and has no stub (mypy sees no `fastopt.torch.AdamW`), and under --strict torch 2.13's own
+    annotations fail an nn.Module example (calling a module returns Any, `Tensor.backward` is
+    untyped)."""
     from test_readme import blocks
     code = blocks("python")
-    examples = [b for b in code if not b.startswith("sgd_(")]
-    assert len(code) - len(examples) == 1, "exactly one block, the signature listing, is left out"
+    examples = [b for b in code if not b.startswith("sgd_(") and "fastopt.torch" not in b]
+    assert len(code) - len(examples) == 2, ("exactly two blocks, the signature listing and the "
+                                            "fastopt.torch example, are left out")
     return examples
 
 
