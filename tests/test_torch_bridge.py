@@ -632,6 +632,23 @@ def test_torch_hooks_run():
     assert calls == [("pre", opt), ("post", opt)] and opt.step_counts == [3]
 
 
+def test_a_profiler_sees_step_and_zero_grad():
+    """step() leaves torch's wrapper out when no hook is registered and no profiler runs (it
+    costs more than the arena's step on a small model); under torch's profiler both calls
+    still record the ranges torch.optim's optimizers record, and step."""
+    model = model_b()
+    opt = ftorch.AdamW(model.parameters(), lr=1e-2)
+    sum(p.sum() for p in model.parameters()).backward()
+    with torch.autograd.profiler.profile() as prof:
+        opt.step()
+        opt.zero_grad()
+    names = {e.name for e in prof.function_events}
+    assert {"Optimizer.step#AdamW.step", "Optimizer.zero_grad#AdamW.zero_grad"} <= names
+    assert opt.step_counts == [1] and not opt.core.flat_grads.any()
+    opt.step()                  # and without the profiler, no range and the same step
+    assert opt.step_counts == [2]
+
+
 def test_step_pre_hook_can_replace_the_arguments():
     """A step pre hook returning (args, kwargs) changes what step() gets, as in torch: here it
     turns a plain step into one with zero_grad=True; a closure's loss is returned."""
@@ -993,6 +1010,14 @@ def test_the_base_class_is_not_an_optimizer():
         ftorch.Optimizer(small_model().parameters())
 
 
+def run_python(script):
+    """-> stdout of `script` in a fresh interpreter that imports this checkout's fastopt."""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_import_fastopt_does_not_import_torch():
     """`import fastopt` (and its other modules) leaves torch unimported; fastopt.torch imports
     it."""
@@ -1002,7 +1027,20 @@ def test_import_fastopt_does_not_import_torch():
               "import fastopt.torch\n"
               "assert 'torch' in sys.modules\n"
               "print(fastopt.__file__)")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == os.path.join(ROOT, "fastopt", "__init__.py")
+    assert run_python(script).strip() == os.path.join(ROOT, "fastopt", "__init__.py")
+
+
+def test_without_torch_fastopt_torch_says_how_to_install_it():
+    """With torch unimportable, `import fastopt` works and `import fastopt.torch` raises an
+    ImportError that gives the install commands."""
+    script = ("import sys\n"
+              "sys.modules['torch'] = None          # what an absent torch looks like\n"
+              "import fastopt\n"
+              "try:\n"
+              "    import fastopt.torch\n"
+              "except ImportError as e:\n"
+              "    print(e)\n"
+              "else:\n"
+              "    raise SystemExit('imported')\n")
+    out = run_python(script)
+    assert "fastopt.torch needs PyTorch" in out and "pip install 'fastopt[torch]'" in out
