@@ -23,27 +23,43 @@ Where it departs from torch.optim, and why:
 * **Every parameter of a group is stepped together** (the arena steps ranges, not tensors).
   torch skips a parameter whose `.grad` is None; here `step()` refuses with a ValueError that
   names it, having changed nothing, because stepping it with the arena's old gradient would
-  be silently wrong.  `opt.zero_grad()` keeps every gradient bound, as zeros, so a loop that
-  uses it never meets this; parameters that never get a gradient belong out of the optimizer.
+  be silently wrong.  A parameter without a gradient at construction keeps None, as in torch
+  (so a step before any backward is refused, not taken on zeros).  `opt.zero_grad()` binds
+  every gradient, as zeros, so a loop that uses it never meets the refusal; but then, as with
+  torch's `zero_grad(set_to_none=False)`, a parameter that a backward does not reach is
+  stepped with its zero gradient (weight decay and momentum still move it).  Parameters that
+  never get a gradient belong out of the optimizer; `zero_grad()` refuses one whose
+  requires_grad was turned off after construction.
 * **A gradient replaced by a new tensor is copied in, never ignored.**  `step()` checks that
   every `.grad` is still the arena's view (one identity test a parameter); one that is not
   (after `model.zero_grad()`, which sets them to None before backward makes new ones, or
   code that assigns `.grad`) is copied into the arena and the view is bound again.  That
   costs one copy of the gradients on such a step; `opt.zero_grad()` avoids it.
+* **A replaced storage is refused.**  Code that keeps the tensor objects but swaps their
+  storage (`p.data = t`, `vector_to_parameters`, `module.to(memory_format=...)`,
+  `share_memory()`, `p.grad.data = t`, a parametrization's right_inverse) cuts the model off
+  from the arena.  `state_dict()` checks every parameter for it, `step()` and `zero_grad()` 16
+  a call in rotation (about 0.5 us each), so a swap is refused within ceil(n / 16) calls,
+  naming the parameter; steps taken meanwhile updated the arena, not the model.  A second
+  fastopt.torch optimizer over the same parameters moves them into its own arena, and the
+  first then refuses to step.  In-place changes (`p.copy_`, `model.load_state_dict`,
+  `clip_grad_norm_`, `p.grad.mul_`) are what the arena expects.
 * `zero_grad(set_to_none=True)` zeroes the gradient arena whatever `set_to_none` says, and
   binds the views again where they were replaced or set to None.
 * The param groups are fixed at construction: `add_param_group` raises.
 * `opt.state` is built from the arena on each access: buffers are live tensor views (as
   torch's state holds its tensors), 'step' (and NAdam's 'mu_product') a new float32 0-dim
-  tensor each time, so changing those in place changes nothing here; load a state dict to
-  set them.
-* `state_dict()` is torch's format (live tensors, 'step' as a float32 tensor), and the param
-  groups carry torch's own keys with fastopt's values (`fused=True`, `foreach=None`, ...), so
-  that torch.optim loading it stays on the fused path fastopt's numbers match.
-* Replacing `p.data` (`p.data = t`, `module.to(torch.float64)`) or a gradient's storage
-  (`p.grad.data = t`, `p.grad.set_(t)`) after construction unbinds them in a way the
-  per-step check does not see: don't.  In-place changes (`p.copy_`, `model.load_state_dict`,
-  `clip_grad_norm_`, `p.grad.mul_`) are what the arena expects.
+  tensor each time; each parameter's entry is read-only (assigning into it would change
+  nothing); load a state dict to set the state.
+* `state_dict()` is torch's format ('step' as a float32 tensor) with copies of the buffers: a
+  snapshot that later steps do not change.  Its param groups carry torch's own keys with
+  fastopt's values (`fused=True`, `foreach=None`, ...), so that torch.optim loading it stays
+  on the fused path fastopt's numbers match.
+* With no step hook registered and no profiler running, `step()` leaves out torch's
+  `profile_hook_step` wrapper (a `record_function` range and the hooks, about 15 us a call);
+  with either it goes through torch's own.  A tracer that records ranges without enabling
+  the autograd profiler (torch's ExecutionTraceObserver alone) does not see fastopt.torch's
+  step and zero_grad ranges.
 
 The extras of fastopt's step work here too: `step(zero_grad=True, grad_multiplier=...,
 max_grad_norm=..., norm_type=...)`, `skip_nonfinite=True` in the constructor,
@@ -57,6 +73,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import operator
+import types
+import weakref
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional
 
@@ -74,6 +92,7 @@ except ImportError as _e:   # pragma: no cover - torch is a test peer here
         "https://download.pytorch.org/whl/cpu`)") from _e
 
 _grad_of = operator.attrgetter("grad")
+_requires_grad = operator.attrgetter("requires_grad")
 _is = operator.is_
 # Reading .grad of a Parameter first looks up its type's __torch_function__ (about 100 ns of
 # the 250 a read costs here); with subclass torch functions off the read is the tensor's own
@@ -94,6 +113,28 @@ _profiling: Callable[[], bool] = getattr(getattr(torch._C, "_autograd", None),
 _CAN_SKIP_WRAPPER = all(isinstance(h, dict) for h in _GLOBAL_HOOKS)
 
 
+# Which live optimizer each parameter's storage belongs to: a second optimizer built over the
+# same parameters moves them into its own arena, and the first one's steps would no longer
+# reach the model; it is told, and refuses to step.
+# (keyed by id: tensors compare elementwise, so they cannot be dict keys by value; each entry
+# keeps a weak reference to its tensor, to tell a reused id from the same tensor)
+_OWNER: Dict[int, Any] = {}
+
+# How many parameters each step() and zero_grad() check for a replaced storage (p.data or
+# p.grad.data swapped under the same tensor objects), in rotation: about 0.5 us each here, so
+# a replaced storage is found within ceil(n / 16) calls; state_dict() checks them all.
+_STORAGE_CHECKS_PER_STEP = 16
+
+
+def _forget(key):
+    """A weakref callback that drops _OWNER's entry for a tensor that is gone."""
+    def callback(ref):
+        entry = _OWNER.get(key)
+        if entry is not None and entry[0] is ref:
+            del _OWNER[key]
+    return callback
+
+
 def _bound(params, grads):
     """Whether every params[k].grad is grads[k] (one identity test a parameter)."""
     with _plain_reads():
@@ -105,6 +146,7 @@ class Optimizer(torch.optim.Optimizer):
     gradients live in a fastopt arena (see the module docstring).  Use SGD, Adam, AdamW, ..."""
 
     _core_class: Any = None
+    _collecting = False             # state_dict() is running: `state` gives copies
     __signature__: inspect.Signature
 
     def __init__(self, params: Any, *args: Any, skip_nonfinite: bool = False,
@@ -142,20 +184,56 @@ class Optimizer(torch.optim.Optimizer):
     # ---- the binding ---------------------------------------------------------------------
 
     def _bind(self):
-        """Move each parameter into the arena: p.data and p.grad become views of it (a
-        gradient already there is kept, copied in)."""
+        """Move each parameter into the arena: p.data and p.grad become views of it.  A
+        gradient already there is copied in; a parameter without one keeps None, as in torch,
+        until zero_grad() binds the view (or step() copies in what backward made, or refuses
+        if there is still none): a step before any backward is not a step on zero gradients."""
         layout = self._core.layout
         grads = []
         with torch.no_grad():
             for k, p in enumerate(self._params):
                 old = p.grad
                 g = torch.from_numpy(layout.grads[k])
+                p.data = torch.from_numpy(layout.params[k])
                 if old is not None:
                     g.copy_(old)
-                p.data = torch.from_numpy(layout.params[k])
-                p.grad = g
+                    p.grad = g
                 grads.append(g)
+                tensor, previous = _OWNER.get(id(p), (None, None))
+                owner = previous() if tensor is not None and tensor() is p else None
+                if owner is not None:
+                    owner._superseded = self._labels[k]
+                _OWNER[id(p)] = (weakref.ref(p, _forget(id(p))), weakref.ref(self))
         self._grads = grads
+        self._superseded = None
+        self._addresses = [(p.data_ptr(), g.data_ptr()) for p, g in zip(self._params, grads)]
+        self._next_check = 0
+
+    def _check_storage(self, what, ks):
+        """Refuse if another optimizer took the parameters, or if parameter k's storage (or
+        its bound gradient's) is no longer the arena's, for k in ks."""
+        if self._superseded is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.{what}(): another fastopt.torch optimizer was built over "
+                f"{self._superseded} (and moved it into its own arena), so this one no longer "
+                "reaches the model; use the new optimizer")
+        params, grads, addresses = self._params, self._grads, self._addresses
+        for k in ks:
+            if (params[k].data_ptr(), grads[k].data_ptr()) != addresses[k]:
+                raise RuntimeError(
+                    f"{type(self).__name__}.{what}(): {self._labels[k]} no longer lives in the "
+                    "arena: its storage or its gradient's was replaced (p.data = ..., "
+                    "vector_to_parameters, module.to(memory_format=...), share_memory(), a "
+                    "parametrization's right_inverse, ...), so a step would no longer reach "
+                    "the model; nothing was changed.  Build a new optimizer over the model as "
+                    "it is now (load this one's state_dict() into it)")
+
+    def _rotating(self):
+        """The next _STORAGE_CHECKS_PER_STEP parameter indices, in rotation."""
+        n, k0 = len(self._params), self._next_check
+        m = min(n, _STORAGE_CHECKS_PER_STEP)
+        self._next_check = (k0 + m) % n if n else 0
+        return [(k0 + i) % n for i in range(m)]
 
     def _unbound(self, what, copy):
         """The indices of the gradients that are no longer the arena's views, each checked to
@@ -193,11 +271,28 @@ class Optimizer(torch.optim.Optimizer):
         """Bind the arena's views again as the gradients of parameters `ks` (from _unbound),
         copying the gradients they had in first (copy=True)."""
         with torch.no_grad():
+            sources = {}
+            if copy:        # a gradient that is a view of the arena is read before any write
+                arena = self._core.flat_grads
+                lo = arena.ctypes.data
+                hi = lo + arena.nbytes
+                for k in ks:
+                    src = self._params[k].grad
+                    sources[k] = src.clone() if lo <= src.data_ptr() < hi else src
             for k in ks:
                 p, g = self._params[k], self._grads[k]
                 if copy:
-                    g.copy_(p.grad)
+                    g.copy_(sources[k])
                 p.grad = g
+
+    def _frozen(self, what):
+        frozen = [label for p, label in zip(self._params, self._labels) if not p.requires_grad]
+        raise ValueError(
+            f"{type(self).__name__}.{what}(): {_some(frozen)} no longer requires grad.  torch.optim "
+            "would skip it (its .grad stays None); fastopt steps every parameter of a group "
+            "together and would move it with a zero gradient (weight decay, momentum), so "
+            "nothing was changed.  Build the optimizer over the parameters that train, or set "
+            "the group's lr and weight_decay to 0 to hold a group still")
 
     # ---- torch.optim.Optimizer's surface ---------------------------------------------------
 
@@ -216,10 +311,11 @@ class Optimizer(torch.optim.Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
+            checked = core.check_step(zero_grad, grad_multiplier, max_grad_norm, norm_type)
+            self._check_storage("step", self._rotating())
             if not _bound(self._params, self._grads):
                 self._rebind(self._unbound("step", copy=True), copy=True)
-            core.step(zero_grad=zero_grad, grad_multiplier=grad_multiplier,
-                      max_grad_norm=max_grad_norm, norm_type=norm_type)
+            core.apply_step(*checked)
         finally:
             core.release()
         return loss
@@ -228,6 +324,10 @@ class Optimizer(torch.optim.Optimizer):
     _hooked_step = torch.optim.Optimizer.profile_hook_step(_step)
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
+        if type(self).step is not Optimizer.step:
+            # a subclass's own step(), which torch wrapped (hooks and profiler range): calling
+            # super().step() from it must not run them a second time
+            return self._step(*args, **kwargs)
         if _CAN_SKIP_WRAPPER and not (self._optimizer_step_pre_hooks or
                                       self._optimizer_step_post_hooks or _GLOBAL_HOOKS[0]
                                       or _GLOBAL_HOOKS[1] or _profiling()):
@@ -251,6 +351,9 @@ class Optimizer(torch.optim.Optimizer):
     def _zero_grad(self):
         core = self._core
         with core.exclusive("zero_grad"):
+            self._check_storage("zero_grad", self._rotating())
+            if not all(map(_requires_grad, self._params)):
+                self._frozen("zero_grad")
             ks = ([] if _bound(self._params, self._grads)
                   else self._unbound("zero_grad", copy=False))
             core.zero_grad()
@@ -258,13 +361,17 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def state(self) -> Dict[Any, Dict[str, Any]]:
-        """{param tensor: {'step': float32 tensor, buffer: live tensor view}}, as torch's."""
-        out: Dict[Any, Dict[str, Any]] = defaultdict(dict)
+        """{param tensor: {'step': float32 tensor, buffer: live tensor view}}, like torch's;
+        each parameter's entry is read-only (the state lives in the arena: assigning into it
+        would change nothing, so it raises)."""
+        out: Dict[Any, Any] = defaultdict(dict)
         scalars = ("step",) + tuple(self._core.family.counter_defaults)
+        copies = self._collecting
         for k, entry in self._core.state.items():
-            out[self._params[k]] = {
-                key: (torch.tensor(float(v), dtype=torch.float32) if key in scalars
-                      else torch.from_numpy(v)) for key, v in entry.items()}
+            e = {key: (torch.tensor(float(v), dtype=torch.float32) if key in scalars
+                       else torch.from_numpy(v.copy() if copies else v))
+                 for key, v in entry.items()}
+            out[self._params[k]] = e if copies else types.MappingProxyType(e)
         return out
 
     @state.setter
@@ -273,10 +380,17 @@ class Optimizer(torch.optim.Optimizer):
             raise AttributeError("the state lives in the arena: use load_state_dict()")
 
     def state_dict(self) -> Dict[str, Any]:
-        """torch.optim's state_dict() (its hooks run), holding the optimizer meanwhile so that
-        no step in another thread changes the state while it is collected."""
+        """torch.optim's state_dict() (its hooks run), with copies of the state: a snapshot
+        that later steps do not change (torch's holds live tensors, its 'step' among them; here
+        'step' is a number kept outside the tensors, so live buffers beside it would fall out
+        of step with it)."""
         with self._core.exclusive("state_dict"):
-            return super().state_dict()
+            self._check_storage("state_dict", range(len(self._params)))
+            self._collecting = True
+            try:
+                return super().state_dict()
+            finally:
+                self._collecting = False
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load `state_dict()`'s output, or torch.optim's namesake's (torch's step tensors and
@@ -292,7 +406,8 @@ class Optimizer(torch.optim.Optimizer):
                 if result is not None:
                     state_dict = result
             scalars = ("step",) + tuple(core.family.counter_defaults)
-            plan = core.check_state_dict(_as_numpy(state_dict, scalars, core.family.has_step))
+            plan = core.check_state_dict(_as_numpy(state_dict, scalars, core.family.has_step,
+                                                    self.defaults))
             names = [g.get("param_names") for g in self.param_groups]
             core.apply_state(plan)
             for g, n in zip(self.param_groups, names):
@@ -414,8 +529,12 @@ def _check_tensors(flat):
             raise ValueError(f"{label} is the same tensor as {seen[id(t)]}: each parameter may "
                              "appear once")
         seen[id(t)] = label
-        if not (t.is_leaf or t.retains_grad):
+        if not t.is_leaf:
             raise ValueError(f"{label}: can't optimize a non-leaf Tensor")
+        if isinstance(t, torch.nn.parameter.UninitializedParameter):
+            raise ValueError(f"{label} is an uninitialized parameter (a lazy module's): run a "
+                             "forward pass first, so that it has a shape, then build the "
+                             "optimizer")
         if t.device.type != "cpu" or t.dtype != torch.float32 or t.layout != torch.strided:
             raise TypeError(f"{label} is {_describe(t)}: fastopt.torch steps dense CPU "
                             "float32 parameters only")
@@ -458,17 +577,30 @@ def _some(items, shown=3):
     return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
-def _as_numpy(state_dict, scalars, has_step):
+def _as_numpy(state_dict, scalars, has_step, defaults):
     """A torch-format state dict -> fastopt's (NumPy arrays; the `scalars`, 'step' and the
     family's counters, as numbers), for fastopt's check; anything it cannot read is passed on
     for the check to name."""
     state = state_dict.get("state") if hasattr(state_dict, "get") else None
-    if not isinstance(state, dict):
+    groups = state_dict.get("param_groups") if hasattr(state_dict, "get") else None
+    if not isinstance(state, dict) or not isinstance(groups, (list, tuple)):
         return state_dict
+    new_groups = []
+    for g in groups:
+        if isinstance(g, dict):
+            # as torch's __setstate__: flags a state dict from an older torch lacks take the
+            # class's defaults; 0-dim tensor hyperparameters (a tensor lr) become numbers
+            g = {key: _number(v) for key, v in g.items()}
+            for key, value in defaults.items():
+                if key not in g and (value is None or isinstance(value, bool)):
+                    g[key] = value
+        new_groups.append(g)
     out = {}
     for pid, entry in state.items():
         if isinstance(entry, dict):
-            entry = {key: _value(v, key in scalars) for key, v in entry.items()}
+            # a buffer torch stored as None (SGD's momentum_buffer with momentum 0) is absent
+            entry = {key: _value(v, key in scalars) for key, v in entry.items()
+                     if v is not None}
             step = entry.get("step")
             if has_step and type(step) in (int, float) and step == 0:
                 raise ValueError(
@@ -476,7 +608,16 @@ def _as_numpy(state_dict, scalars, has_step):
                     "step (torch's Adagrad creates one in its constructor); fastopt creates a "
                     "parameter's state on its first step, so it loads states saved after one")
         out[pid] = entry
-    return {**state_dict, "state": out}
+    return {**state_dict, "state": out, "param_groups": new_groups}
+
+
+def _number(v):
+    """A 0-dim tensor as a Python number, a tuple of them (betas) as a tuple; else v."""
+    if isinstance(v, torch.Tensor) and v.dim() == 0:
+        return v.item()
+    if isinstance(v, tuple) and any(isinstance(x, torch.Tensor) for x in v):
+        return tuple(_number(x) for x in v)
+    return v
 
 
 def _value(v, scalar):

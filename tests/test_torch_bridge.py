@@ -276,6 +276,7 @@ def test_training_with_tails_is_torch_fused_outside_the_tails(config, digits):
     teacher = model_b()
     t_opt = getattr(torch.optim, cls)(teacher.parameters(), **kw, fused=True)
     fm, fopt, tm, topt = make_pair(config, model_b)
+    fopt.zero_grad()                            # binds the arena's views as the .grad
     for i in range(STEPS):
         t_opt.zero_grad()
         loss_of(teacher, digits, i).backward()
@@ -369,6 +370,7 @@ def test_opt_zero_grad_binds_the_gradients_again():
     opt.zero_grad() zeroes the arena and binds every .grad to its view again."""
     model = model_b()
     opt = ftorch.Adam(model.parameters())
+    opt.zero_grad()
     sum(p.sum() for p in model.parameters()).backward()
     assert opt.core.flat_grads.any()
     model.zero_grad()
@@ -1044,3 +1046,191 @@ def test_without_torch_fastopt_torch_says_how_to_install_it():
               "    raise SystemExit('imported')\n")
     out = run_python(script)
     assert "fastopt.torch needs PyTorch" in out and "pip install 'fastopt[torch]'" in out
+
+
+# ---- what must not step silently -------------------------------------------------------------
+
+def test_a_step_before_any_backward_is_refused():
+    """A parameter that had no gradient keeps None after construction, as in torch: a step
+    before any backward refuses (torch's would do nothing) instead of stepping on zeros (AdamW
+    would decay the weights); after a backward, the first step copies autograd's gradients in
+    and binds the views."""
+    model = model_b()
+    opt = ftorch.AdamW(model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match=r"step\(\): the gradient of .* is None"):
+        opt.step()
+    assert opt.step_counts == [0]
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    sum((p * p).sum() for p in model.parameters()).backward()
+    opt.step()
+    assert opt.step_counts == [1]
+    assert all(arena_holds(opt, p.grad) for p in model.parameters())
+
+
+def test_a_parameter_frozen_after_construction():
+    """requires_grad_(False) after construction: torch would leave the parameter's .grad None
+    and skip it; zero_grad() refuses, naming it, rather than keep a zero gradient bound that
+    step() would apply (weight decay, momentum); step() alone applies what is bound, as torch
+    under zero_grad(set_to_none=False)."""
+    model, opt = trained_b("AdamW", lr=1e-2)
+    snap = snapshot(model, opt)
+    frozen = list(model.parameters())[0]
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"zero_grad\(\): param_groups\[0\]\.params\[0\] "
+                       r"\('0\.weight'\) no longer requires grad"):
+        opt.zero_grad()
+    assert_unchanged(model, opt, snap)
+    frozen.requires_grad_(True)
+    opt.zero_grad()
+    assert not opt.core.flat_grads.any()
+
+
+def _vector_to_parameters(model, opt):
+    v = torch.nn.utils.parameters_to_vector(model.parameters())
+    torch.nn.utils.vector_to_parameters(v, model.parameters())     # p.data = a slice of v
+
+
+def _share_memory(model, opt):
+    model.share_memory()                                           # storages moved
+
+
+def _grad_data(model, opt):
+    p = list(model.parameters())[5]
+    p.grad.data = torch.zeros_like(p)                              # same tensor, new storage
+
+
+@pytest.mark.parametrize("swap", [_vector_to_parameters, _share_memory, _grad_data],
+                         ids=["vector_to_parameters", "share_memory", "grad.data"])
+def test_a_replaced_storage_is_refused(swap):
+    """The same tensor objects on a storage that is no longer the arena's would pass the
+    .grad identity check while the steps no longer reach the model: step(), zero_grad() and
+    state_dict() see it (model B has 10 parameters: each call checks them all) and refuse,
+    having changed nothing in the optimizer."""
+    model, opt = trained_b()
+    core_params = opt.core.flat_params.copy()
+    steps = opt.step_counts
+    swap(model, opt)
+    for call in (opt.step, opt.zero_grad, opt.state_dict):
+        with pytest.raises(RuntimeError, match=r"no longer lives in the arena"):
+            call()
+    assert_bitwise(opt.core.flat_params, core_params, "the arena")
+    assert opt.step_counts == steps
+
+
+def test_every_parameter_is_checked_in_rotation():
+    """With more parameters than one step checks, a replaced storage is found within
+    ceil(n / per step) steps."""
+    params = [nn.Parameter(torch.ones(3)) for _ in range(100)]
+    opt = ftorch.SGD(params, lr=0.1)
+    opt.zero_grad()
+    params[77].data = torch.ones(3)
+    per = ftorch._STORAGE_CHECKS_PER_STEP
+    with pytest.raises(RuntimeError, match=r"params\[77\] no longer lives in the arena"):
+        for _ in range(-(-100 // per)):
+            opt.step()
+
+
+def test_a_second_optimizer_over_the_same_parameters_supersedes_the_first():
+    """The second moves the parameters into its own arena; the first, whose steps would no
+    longer reach the model, refuses to step and says why."""
+    model, first = trained_b()
+    second = ftorch.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match=r"another fastopt\.torch optimizer was built over"):
+        first.step()
+    second.zero_grad()
+    sum((p * p).sum() for p in model.parameters()).backward()
+    second.step()
+    assert all(arena_holds(second, p.grad) for p in model.parameters())
+
+
+def test_a_subclass_step_runs_the_hooks_once():
+    """torch wraps a subclass's own step() in its hooks; calling super().step() from it does
+    not run them again."""
+    class Logged(ftorch.SGD):
+        def step(self, closure=None, **kw):
+            return super().step(closure, **kw)
+
+    model = model_b()
+    opt = Logged(model.parameters(), lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    opt.zero_grad()
+    sum(p.sum() for p in model.parameters()).backward()
+    opt.step()
+    assert calls == ["pre", "post"] and opt.step_counts == [1]
+
+
+def test_a_state_dict_is_a_snapshot():
+    """state_dict()'s tensors are copies: one held across a step still holds the state of its
+    step count (live buffers beside a 'step' number would fall out of step); opt.state's
+    entries are live and read-only."""
+    model, opt = trained_b()
+    sd = opt.state_dict()
+    held = {k: v.clone() for k, v in sd["state"][0].items()}
+    opt.step()
+    assert all(torch.equal(sd["state"][0][k], v) for k, v in held.items())
+    p0 = list(model.parameters())[0]
+    live = opt.state[p0]
+    assert np.shares_memory(live["exp_avg"].numpy(), opt.core.state[0]["exp_avg"])
+    with pytest.raises(TypeError):
+        live["exp_avg"] = torch.zeros_like(p0)
+
+
+def test_torch_state_dicts_torch_itself_loads():
+    """What torch's own load accepts: a state dict from a torch without a newer flag (its
+    __setstate__ fills in the default), a tensor lr, a None momentum buffer."""
+    model = model_a()
+    topt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.01), fused=True)
+    sum(p.sum() for p in model.parameters()).backward()
+    topt.step()
+    sd = topt.state_dict()
+    for g in sd["param_groups"]:
+        del g["decoupled_weight_decay"], g["maximize"]
+    fopt = ftorch.AdamW(model_a().parameters())
+    fopt.load_state_dict(sd)
+    g = fopt.param_groups[0]
+    assert g["lr"] == pytest.approx(0.01) and type(g["lr"]) is float
+    assert g["decoupled_weight_decay"] is True and g["maximize"] is False
+    assert fopt.step_counts == [1]
+
+    sgd = ftorch.SGD(model_b().parameters(), lr=0.1)
+    sd = sgd.state_dict()
+    sd["state"] = {pid: {"momentum_buffer": None} for pid in sd["param_groups"][0]["params"]}
+    sgd.load_state_dict(sd)
+    assert sgd.state_dict()["state"] == {}
+
+
+def test_swapped_gradients_are_copied_in_as_they_are():
+    """Two gradients swapped (each now the other's arena view) are both read before either is
+    written."""
+    params = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(4))]
+    opt = ftorch.SGD(params, lr=1.0)
+    opt.zero_grad()
+    params[0].grad.fill_(1.0)
+    params[1].grad.fill_(2.0)
+    params[0].grad, params[1].grad = params[1].grad, params[0].grad
+    opt.step()
+    assert torch.equal(params[0].detach(), torch.full((4,), -2.0))
+    assert torch.equal(params[1].detach(), torch.full((4,), -1.0))
+
+
+def test_a_refused_step_keeps_the_gradients_where_they_were():
+    """A bad argument is refused before replaced gradients are copied in or bound."""
+    model, opt = trained_b()
+    model.zero_grad()
+    sum((p * p).sum() for p in model.parameters()).backward()
+    grads = [p.grad for p in model.parameters()]
+    arena = opt.core.flat_grads.copy()
+    with pytest.raises(ValueError, match="grad_multiplier"):
+        opt.step(grad_multiplier=float("nan"))
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert_bitwise(opt.core.flat_grads, arena, "the gradient arena")
+
+
+def test_a_lazy_parameter_is_refused_by_name():
+    lazy = nn.LazyLinear(3)
+    with pytest.raises(ValueError, match=r"params\[0\] is an uninitialized parameter"):
+        ftorch.SGD(lazy.parameters(), lr=0.1)
