@@ -165,6 +165,7 @@ def step_case(shapes, threads, torch):
 
     params = [torch.from_numpy(a.copy()).requires_grad_() for a in p0]
     opt = fot.AdamW(params, **KW)
+    opt.zero_grad()                                 # binds the arena's views as the .grad
     with torch.no_grad():
         for p, g in zip(params, g0):
             p.grad.copy_(torch.from_numpy(g))       # into the bound view, once
@@ -188,6 +189,7 @@ def step_case(shapes, threads, torch):
     # where fastopt.torch's time goes: the same optimizer, its parts
     hooked_params = [torch.from_numpy(a.copy()).requires_grad_() for a in p0]
     hooked = fot.AdamW(hooked_params, **KW)
+    hooked.zero_grad()
     hooked.register_step_pre_hook(lambda *args: None)
     grad_of = operator.attrgetter("grad")
     hooked_noop = torch.optim.Optimizer.profile_hook_step(lambda self: None)
@@ -260,7 +262,9 @@ def train_case(name, threads, torch):
     model0, batches = build_model(name, torch)
     rows = []
     def fastopt_torch(m):
-        return fot.AdamW(m.named_parameters(), **KW)
+        opt = fot.AdamW(m.named_parameters(), **KW)
+        opt.zero_grad()     # binds the .grad views (the core-calls row never calls it again)
+        return opt
 
     # (row, optimizer, its zero_grad and step calls)
     impls = [("fastopt.torch", fastopt_torch, lambda m, o: (o.zero_grad, o.step)),
