@@ -365,7 +365,7 @@ class Optimizer(torch.optim.Optimizer):
         each parameter's entry is read-only (the state lives in the arena: assigning into it
         would change nothing, so it raises)."""
         out: Dict[Any, Any] = defaultdict(dict)
-        scalars = ("step",) + tuple(self._core.family.counter_defaults)
+        scalars = self._scalar_keys()
         copies = self._collecting
         for k, entry in self._core.state.items():
             e = {key: (torch.tensor(float(v), dtype=torch.float32) if key in scalars
@@ -378,6 +378,11 @@ class Optimizer(torch.optim.Optimizer):
     def state(self, value: Any) -> None:
         if not getattr(self, "_constructing", False):
             raise AttributeError("the state lives in the arena: use load_state_dict()")
+
+    def _scalar_keys(self):
+        """The state keys that are numbers, not buffers: 'step' and the family's counters
+        (torch keeps them as 0-dim float32 tensors)."""
+        return ("step",) + tuple(self._core.family.counter_defaults)
 
     def state_dict(self) -> Dict[str, Any]:
         """torch.optim's state_dict() (its hooks run), with copies of the state: a snapshot
@@ -405,9 +410,8 @@ class Optimizer(torch.optim.Optimizer):
                 result = pre_hook(self, state_dict)
                 if result is not None:
                     state_dict = result
-            scalars = ("step",) + tuple(core.family.counter_defaults)
-            plan = core.check_state_dict(_as_numpy(state_dict, scalars, core.family.has_step,
-                                                    self.defaults))
+            plan = core.check_state_dict(_as_numpy(state_dict, self._scalar_keys(),
+                                                    core.family.has_step, self.defaults))
             names = [g.get("param_names") for g in self.param_groups]
             core.apply_state(plan)
             for g, n in zip(self.param_groups, names):
