@@ -126,6 +126,12 @@ size_t fo_check(const fo_family *family, const fo_grad_opts *opts, const fo_grou
 size_t fo_norm_blocks(size_t n);
 double fo_grad_norm(const fo_exec *ex, const float *restrict grad, size_t n, double norm_type,
                     double *restrict block_sums, int *nonfinite);
+/* fo_grad_norm in two halves, for a buffer cut into shards on FO_NORM_BLOCK boundaries (ZeRO):
+ * each shard's block sums (the same numbers fo_grad_norm computes for those blocks), then the
+ * norm from every block's sum in order, bit-identical to fo_grad_norm over the whole buffer. */
+void fo_norm_block_sums(const fo_exec *ex, const float *restrict grad, size_t n,
+                        double norm_type, double *restrict block_sums, int *nonfinite);
+double fo_norm_combine(const double *block_sums, size_t nblocks, double norm_type);
 
 /* Memory-bandwidth probes with an optimizer's traffic and trivial arithmetic, threaded like
  * the kernels: r4w3 reads a, b, c, d and writes a, c, d (Adam's pattern); r3w2 reads a, b, c

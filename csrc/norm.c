@@ -175,11 +175,16 @@ size_t fo_norm_blocks(size_t n)
     return (n + FO_NORM_BLOCK - 1) / FO_NORM_BLOCK;
 }
 
-double fo_grad_norm(const fo_exec *ex, const float *restrict grad, size_t n, double norm_type,
-                    double *restrict block_sums, int *nonfinite)
+static int norm_kind(double norm_type)
 {
-    const int kind = norm_type == 2.0 ? NORM_L2 : norm_type == 1.0 ? NORM_L1
-                   : isinf(norm_type) ? NORM_INF : NORM_P;
+    return norm_type == 2.0 ? NORM_L2 : norm_type == 1.0 ? NORM_L1
+         : isinf(norm_type) ? NORM_INF : NORM_P;
+}
+
+void fo_norm_block_sums(const fo_exec *ex, const float *restrict grad, size_t n,
+                        double norm_type, double *restrict block_sums, int *nonfinite)
+{
+    const int kind = norm_kind(norm_type);
     const size_t nblocks = fo_norm_blocks(n);
     int bad = 0;
     int nt = 1;
@@ -210,6 +215,11 @@ double fo_grad_norm(const fo_exec *ex, const float *restrict grad, size_t n, dou
     }
     (void)nt;
     *nonfinite = bad;
+}
+
+double fo_norm_combine(const double *block_sums, size_t nblocks, double norm_type)
+{
+    const int kind = norm_kind(norm_type);
     double total = 0.0;
     for (size_t b = 0; b < nblocks; b++) {
         if (kind == NORM_INF)
@@ -222,4 +232,11 @@ double fo_grad_norm(const fo_exec *ex, const float *restrict grad, size_t n, dou
     if (kind == NORM_P)
         return pow(total, 1.0 / norm_type);
     return total;
+}
+
+double fo_grad_norm(const fo_exec *ex, const float *restrict grad, size_t n, double norm_type,
+                    double *restrict block_sums, int *nonfinite)
+{
+    fo_norm_block_sums(ex, grad, n, norm_type, block_sums, nonfinite);
+    return fo_norm_combine(block_sums, fo_norm_blocks(n), norm_type);
 }

@@ -57,7 +57,11 @@ cdef extern from "fastopt.h" nogil:
     size_t fo_check(const fo_family *family, const fo_grad_opts *opts, const fo_group *groups,
                     size_t ngroups)
 
+    enum: FO_NORM_BLOCK
     size_t fo_norm_blocks(size_t n)
+    void fo_norm_block_sums(const fo_exec *ex, const float *grad, size_t n, double norm_type,
+                            double *block_sums, int *nonfinite)
+    double fo_norm_combine(const double *block_sums, size_t nblocks, double norm_type)
     double fo_grad_norm(const fo_exec *ex, const float *grad, size_t n, double norm_type,
                         double *block_sums, int *nonfinite)
     void fo_probe_r4w3(const fo_exec *ex, float *a, const float *b, float *c, float *d, size_t n)

@@ -20,6 +20,7 @@ from fastopt._cfastopt cimport (
     fo_isa_name, fo_have_openmp, fo_compiler, fo_compile_flags, fo_exec, fo_grad_opts,
     fo_group, fo_family, fo_field, FO_F64, FO_MAX_BUFFERS, fo_family_count, fo_family_at,
     fo_family_find, fo_step, fo_check, fo_probe_r4w3, fo_probe_r3w2, fo_norm_blocks, fo_grad_norm,
+    FO_NORM_BLOCK, fo_norm_block_sums, fo_norm_combine,
     fo_omp_max_threads,
 )
 
@@ -515,8 +516,11 @@ cdef class Stepper:
         self.needs[i] = self.fam.needs(self.groups[i].hparams)
         self.ready[i] = True
 
-    def run(self, list steps, double grad_multiplier=1.0, bint zero_grad=False):
-        """One step of every group; group i takes step steps[i] + 1."""
+    def run(self, list steps, double grad_multiplier=1.0, bint zero_grad=False,
+            Py_ssize_t lo=0, hi=None):
+        """One step of every group; group i takes step steps[i] + 1.  With lo, hi: only the
+        elements [lo, hi) of the arena (each group's range clipped to it; a bucket of a
+        pipelined step: the groups' step counts advance once, after the last range)."""
         cdef Py_ssize_t i
         cdef size_t k
         cdef fo_exec ex = _exec()
@@ -548,15 +552,29 @@ cdef class Stepper:
             fields = dict(zip(self.field_names, self.records[j].item()))
             raise ValueError(f"param_groups[{j}]: " + _overflow_message(
                 self.fam.name.decode(), fields, steps[j] + 1, grad_multiplier))
-        if self.n == 0:
+        cdef Py_ssize_t top = self.n if hi is None else hi
+        if lo < 0 or top < lo or top > self.n:
+            raise ValueError(f"range [{lo}, {top}) outside the arena of {self.n}")
+        if self.n == 0 or lo == top:
             return
+        cdef fo_group *groups = self.groups
+        if lo != 0 or top != self.n:
+            groups = <fo_group *>malloc(self.ngroups * sizeof(fo_group))
+            if groups == NULL:
+                raise MemoryError()
+            for i in range(self.ngroups):
+                groups[i] = self.groups[i]
+                groups[i].start = min(max(<Py_ssize_t>groups[i].start, lo), top)
+                groups[i].stop = min(max(<Py_ssize_t>groups[i].stop, lo), top)
         self.running = True
         try:
             with nogil:
-                fo_step(self.fam, &ex, self.param, self.grad, self.bufs, &opts, self.groups,
+                fo_step(self.fam, &ex, self.param, self.grad, self.bufs, &opts, groups,
                         self.ngroups)
         finally:
             self.running = False
+            if groups != self.groups:
+                free(groups)
 
     cdef _idle(self, str what):
         if self.running:
@@ -585,6 +603,37 @@ def grad_norm(const float[::1] grad not None, double norm_type=2.0):
         total = fo_grad_norm(&ex, &grad[0], n, norm_type, blocks, &bad)
     free(blocks)
     return total, bool(bad)
+
+
+# The norm's fixed blocks: a shard that starts on a multiple of this many elements has the
+# same block sums as the whole buffer there (ZeRO's global norm, fastopt.distributed).
+NORM_BLOCK = FO_NORM_BLOCK
+
+
+def grad_norm_blocks(const float[::1] grad not None, double norm_type=2.0):
+    """(block sums, nonfinite): grad_norm's first half, the float64 sum (or max) of each
+    NORM_BLOCK-element block of grad, in order; norm_from_blocks finishes it, bit for bit as
+    grad_norm over the whole buffer, also when the blocks come from several shards."""
+    cdef Py_ssize_t n = grad.shape[0]
+    cdef int bad = 0
+    cdef fo_exec ex = _exec()
+    if not norm_type > 0.0:
+        raise ValueError(f"norm_type must be > 0, got {norm_type!r}")
+    blocks = np.empty(fo_norm_blocks(n), np.float64)
+    cdef double[::1] out = blocks
+    if n:
+        with nogil:
+            fo_norm_block_sums(&ex, &grad[0], n, norm_type, &out[0], &bad)
+    return blocks, bool(bad)
+
+
+def norm_from_blocks(const double[::1] blocks not None, double norm_type=2.0):
+    """The norm from every block's sum (grad_norm_blocks), in order."""
+    if not norm_type > 0.0:
+        raise ValueError(f"norm_type must be > 0, got {norm_type!r}")
+    if blocks.shape[0] == 0:
+        return 0.0
+    return fo_norm_combine(&blocks[0], blocks.shape[0], norm_type)
 
 
 # ---- bandwidth probes (for bench/run.py) ----------------------------------------------------

@@ -31,8 +31,8 @@ import inspect
 import operator
 import os
 import threading
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterator, List, Mapping,
-                    Optional, Tuple, TypeVar, Union, overload)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, Iterator, List,
+                    Mapping, Optional, Tuple, TypeVar, Union, overload)
 
 import numpy as np
 
@@ -312,13 +312,25 @@ class Optimizer(Generic[Views]):
 
     def apply_step(self, zero_grad: bool, grad_multiplier: float,
                    max_grad_norm: Optional[float], norm_type: float,
-                   changed: Optional[List[Any]]) -> bool:
+                   changed: Optional[List[Any]],
+                   ranges: Optional[Iterable[Tuple[int, int]]] = None) -> bool:
         """The second half of step(): the update `check_step` accepted (its values, unchanged
         but for grad_multiplier, which a wrapper may scale) -> False if skip_nonfinite skipped
-        it, else True."""
+        it, else True.
+
+        `ranges`, when given, steps the arena range by range: an iterable of (lo, hi) that
+        together cover [0, flat_params.size) once, each yielded when its gradients are ready
+        (fastopt.distributed's pipelined step: a bucket is stepped as soon as its reduction
+        is done, while it is still in cache).  The result is bit-identical to one pass: each
+        element is updated by the same arithmetic, and the step counts advance once, after the
+        last range.  A step that needs the norm first (clipping, skip_nonfinite) takes every
+        range before it computes the norm, then steps in one pass."""
         if max_grad_norm is not None or self.skip_nonfinite:
-            norm, nonfinite = self._backend.grad_norm(
-                self.flat_grads, norm_type if max_grad_norm is not None else 2.0)
+            if ranges is not None:
+                for _ in ranges:            # every gradient ready before the norm
+                    pass
+                ranges = None
+            norm, nonfinite = self._grad_norm(norm_type if max_grad_norm is not None else 2.0)
             total = norm * grad_multiplier
             self.last_grad_norm = total
             if max_grad_norm is not None and not (nonfinite and self.skip_nonfinite):
@@ -331,7 +343,7 @@ class Optimizer(Generic[Views]):
             # an element might overflow.
             if self.skip_nonfinite and not nonfinite and \
                     norm * grad_multiplier >= 0.5 * V.FLOAT32_MAX:
-                nonfinite = _product_overflows(self.flat_grads, grad_multiplier)
+                nonfinite = self._product_overflows(grad_multiplier)
             if nonfinite and self.skip_nonfinite:
                 self.skipped_steps += 1
                 if zero_grad:
@@ -340,7 +352,11 @@ class Optimizer(Generic[Views]):
         if changed:
             self._refresh(changed)
         derived = self._derive() if self._derive_pending else None
-        self._run(grad_multiplier, zero_grad)
+        if ranges is None:
+            self._run(grad_multiplier, zero_grad)
+        else:
+            for lo, hi in ranges:
+                self._stepper.run(self._steps, grad_multiplier, zero_grad, lo, hi)
         steps = self._steps
         for i in range(len(steps)):
             steps[i] += 1
@@ -575,6 +591,14 @@ class Optimizer(Generic[Views]):
 
     def _run(self, grad_multiplier, zero_grad):
         self._stepper.run(self._steps, grad_multiplier, zero_grad)
+
+    def _grad_norm(self, norm_type):
+        """(norm, nonfinite) of the gradients the step reads (a sharded optimizer combines
+        every shard's)."""
+        return self._backend.grad_norm(self.flat_grads, norm_type)
+
+    def _product_overflows(self, grad_multiplier):
+        return _product_overflows(self.flat_grads, grad_multiplier)
 
     def _full_state(self):
         """State arenas over the whole arena (a sharded optimizer gathers them)."""

@@ -149,6 +149,9 @@ def reference_stub():
         "           stop: int, step: int, fields: dict[str, float],\n"
         "           grad_multiplier: float = 1.0, zero_grad: bool = False) -> None: ...\n"
         "def grad_norm(grad: F32, norm_type: float = 2.0) -> tuple[float, bool]: ...\n"
+        "NORM_BLOCK: int\n"
+        "def grad_norm_blocks(grad: F32, norm_type: float = 2.0) -> tuple[np.ndarray, bool]: ...\n"
+        "def norm_from_blocks(blocks: np.ndarray, norm_type: float = 2.0) -> float: ...\n"
         "def clip_grad_norm_(parameters: Gradients, max_norm: float,\n"
         "                    norm_type: float | str = 2.0,\n"
         "                    error_if_nonfinite: bool = False,\n"
@@ -160,7 +163,7 @@ def reference_stub():
         "    def set_buffer(self, name: str, arena: F32) -> None: ...\n"
         "    def set_fields(self, i: int, fields: dict[str, float]) -> None: ...\n"
         "    def run(self, steps: list[int], grad_multiplier: float = 1.0,\n"
-        "            zero_grad: bool = False) -> None: ...\n")
+        "            zero_grad: bool = False, lo: int = 0, hi: int | None = None) -> None: ...\n")
     names = [f + "_" for f in FAMILIES] + list(OPTIMIZERS) + ["Optimizer", "clip_grad_norm_",
                                                               "clip_grad_value_"]
     return _classes_module(imports, defs, names)

@@ -349,29 +349,48 @@ def kernel(family, param, grad, state, start, stop, step, fields, grad_multiplie
          grad_multiplier=grad_multiplier, zero_grad=zero_grad)
 
 
+NORM_BLOCK = 1 << 16     # the blocks grad_norm sums one at a time (C's are smaller)
+
+
+def grad_norm_blocks(grad, norm_type=2.0):
+    """(block sums, nonfinite): the float64 sum of |g|**p (or the max |g|) of each NORM_BLOCK
+    elements of a 1-D float32 buffer, in order, and whether any element is NaN or infinite."""
+    blocks = np.empty(-(-grad.size // NORM_BLOCK), np.float64)
+    nonfinite = False
+    for b, lo in enumerate(range(0, grad.size, NORM_BLOCK)):
+        x = np.abs(grad[lo:lo + NORM_BLOCK], dtype=np.float64)
+        nonfinite = nonfinite or not np.isfinite(x).all()
+        if norm_type == 2.0:
+            blocks[b] = float(np.dot(x, x))
+        elif norm_type == 1.0:
+            blocks[b] = float(x.sum())
+        elif norm_type == np.inf:
+            blocks[b] = float(x.max())
+        else:
+            blocks[b] = float(np.sum(x ** norm_type))
+    return blocks, nonfinite
+
+
+def norm_from_blocks(blocks, norm_type=2.0):
+    """The norm from every block's sum (grad_norm_blocks), in order."""
+    total = 0.0
+    for s in blocks.tolist():
+        if norm_type == np.inf:
+            total = s if (s > total or s != s) else total
+        else:
+            total += s
+    if norm_type == 2.0:
+        return float(np.sqrt(total))
+    if norm_type in (1.0, np.inf):
+        return total
+    return total ** (1.0 / norm_type)
+
+
 def grad_norm(grad, norm_type=2.0):
     """(norm, nonfinite) of a 1-D float32 buffer, accumulated in float64 block by block (so no
     float64 copy of the whole buffer is made)."""
-    block = 1 << 16
-    nonfinite = False
-    total = 0.0
-    for lo in range(0, grad.size, block):
-        x = np.abs(grad[lo:lo + block], dtype=np.float64)
-        nonfinite = nonfinite or not np.isfinite(x).all()
-        if norm_type == 2.0:
-            total += float(np.dot(x, x))
-        elif norm_type == 1.0:
-            total += float(x.sum())
-        elif norm_type == np.inf:
-            m = float(x.max())
-            total = m if (m > total or m != m) else total
-        else:
-            total += float(np.sum(x ** norm_type))
-    if norm_type == 2.0:
-        return float(np.sqrt(total)), nonfinite
-    if norm_type in (1.0, np.inf):
-        return total, nonfinite
-    return total ** (1.0 / norm_type), nonfinite
+    blocks, nonfinite = grad_norm_blocks(grad, norm_type)
+    return norm_from_blocks(blocks, norm_type), nonfinite
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
@@ -399,13 +418,17 @@ class Stepper:
     def set_fields(self, i, fields):
         self._fields[i].update(fields)
 
-    def run(self, steps, grad_multiplier=1.0, zero_grad=False):
+    def run(self, steps, grad_multiplier=1.0, zero_grad=False, lo=0, hi=None):
         fam = FAMILIES[self._family]
         for i, taken in enumerate(steps):       # as the C stepper: checked before any change
             if not 0 <= taken < MAX_STEPS:
                 raise ValueError(f"group {i} has taken {taken} steps: the count must stay "
                                  "below 2**63 - 1")
+        top = self._param.size if hi is None else hi
+        if not 0 <= lo <= top <= self._param.size:
+            raise ValueError(f"range [{lo}, {top}) outside the arena of {self._param.size}")
         for (start, stop), fields, taken in zip(self._ranges, self._fields, steps):
+            start, stop = min(max(start, lo), top), min(max(stop, lo), top)
             used = fam.required(fields)
             state = [self._buffers[b] if b in used else None for b in fam.buffer_names]
             kernel(self._family, self._param, self._grad, state, start, stop, taken + 1,
