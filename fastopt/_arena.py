@@ -77,10 +77,11 @@ class Arena:
         """Each group's range clipped to the shard [lo, hi), relative to lo."""
         return [(min(max(s, lo), hi) - lo, min(max(e, lo), hi) - lo) for s, e in self.ranges]
 
-    def shard(self, size, rank):
-        """ZeRO's cut: `size` contiguous pieces of whole 64-byte lines; -> all bounds."""
+    def shard(self, size, granule=ALIGN):
+        """ZeRO's cut: `size` contiguous pieces of whole granules (64-byte lines, or larger:
+        a multiple of ALIGN); -> all bounds."""
         per = -(-self.total // size)
-        chunk = round_up(per)
+        chunk = -(-per // granule) * granule
         bounds = [min(r * chunk, self.total) for r in range(size + 1)]
         bounds[-1] = self.total
         return bounds

@@ -471,7 +471,9 @@ class _Reader:
             f.seek(self.offsets[name] + 4 * start)
             pos = 0
             while pos < len(buf):
-                got = f.readinto(buf[pos:pos + _CHUNK])
+                # the first read is small: after a seek, zipfile joins what it had buffered to
+                # the bytes it reads next, which copies that whole read once
+                got = f.readinto(buf[pos:pos + (_CHUNK if pos else 1 << 16)])
                 if not got:
                     raise EOFError(f"member {name} ended early")
                 pos += got

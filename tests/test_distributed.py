@@ -1,9 +1,12 @@
-"""fastopt.distributed under `mpiexec -n 2` (each case is a function in mpi_cases.py, run as a
-subprocess with a timeout so that a hang fails the test instead of the suite)."""
+"""fastopt.distributed under `mpiexec -n 2` and `-n 3` (each case is a function in
+mpi_cases.py, run as a subprocess with a timeout so that a hang fails the test instead of the
+suite)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import UNDER_ASAN
@@ -49,21 +52,96 @@ CASES = {
                                           "that step, before the reduction; set back, the run "
                                           "equals one process",
     "scheduler_on_every_rank": "an lr scheduler on every rank: no error, equal to one process",
+    "zero_clip_and_skip": "every class under ZeRO, shards on norm blocks or lines (an empty "
+                          "one too): max_grad_norm in the 2-, 1- and inf-norm and "
+                          "skip_nonfinite (NaN, inf, an overflowing product on one rank) equal "
+                          "one process bit for bit, last_grad_norm and skipped_steps included",
+    "data_parallel_pipeline": "DataParallel with buckets of 16 to DEFAULT_BUCKET_ELEMENTS "
+                              "elements equals one bucket and one process bit for bit, with "
+                              "zero_grad, clipping, a NaN skipped and an lr changing each step",
+    "zero_pipeline": "ZeRO stepping bucket by bucket equals one bucket and one process bit for "
+                     "bit; each rank's state is its shard, cut as documented",
+    "grad_ready": "grad_ready starts the sums before step() on a thread, in any marking order; "
+                  "bad marks raise; zero_grad, a refused step and allreduce_grads leave every "
+                  "bucket summed once; equal to a plain step and one process bit for bit",
+    "abort_on_error": "abort_on_error=False or one rank installs no excepthook; the default "
+                      "installs it once",
 }
+
+# Cases that hold with any number of ranks, run on 3 as well: MPI may add 3 ranks' gradients
+# in another order, so these use gradients whose sum is exact in any order, and compare with
+# one process stepping the sum with grad_multiplier 1/3.
+CASES3 = {
+    "zero_clip_and_skip": "clipping and skip_nonfinite under ZeRO on 3 ranks (one with an "
+                          "empty shard) equal one process bit for bit",
+    "data_parallel_pipeline": "DataParallel's buckets on 3 ranks equal one bucket and one "
+                              "process bit for bit",
+    "zero_pipeline": "ZeRO's pieces on 3 ranks equal one bucket and one process bit for bit",
+    "grad_ready": "grad_ready's sums on 3 ranks, each bucket summed once",
+}
+
+# Rank 1 raises an exception that nothing catches while rank 0 waits in a collective: the
+# installed excepthook prints the traceback and MPI_Abort ends the job.
+ABORTS = {
+    "abort_in_step": "rank 0 waits in DataParallel.step()",
+    "abort_with_reductions_started": "rank 0's communication thread is in a bucket's "
+                                     "Allreduce (grad_ready), its main thread in step()",
+    "abort_in_zero_step": "rank 0 waits in ZeroRedundancyOptimizer.step()",
+    "abort_in_thread": "rank 1's exception is in a thread, its main thread alive",
+}
+
+
+def run(case, ranks, timeout=180):
+    env = dict(os.environ, OMP_NUM_THREADS="1")   # the ranks already fill the cores
+    return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable,
+                           os.path.join(HERE, "mpi_cases.py"), case],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_passed(case, ranks):
+    proc = run(case, ranks)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for rank in range(ranks):
+        assert f"PASS {case} rank {rank}" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_under_mpiexec(case):
     if case == "zero_checkpoint_memory" and UNDER_ASAN:
         pytest.skip("resident memory under AddressSanitizer is its allocator's, not fastopt's")
-    env = dict(os.environ, OMP_NUM_THREADS="1")   # two ranks already fill two cores
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable,
-                           os.path.join(HERE, "mpi_cases.py"), case],
-                          capture_output=True, text=True, timeout=180, env=env)
+    assert_passed(case, 2)
+
+
+@pytest.mark.parametrize("case", sorted(CASES3))
+def test_under_mpiexec_three_ranks(case):
+    assert_passed(case, 3)
+
+
+@pytest.mark.parametrize("case", sorted(ABORTS))
+def test_uncaught_exception_ends_the_job(case):
+    """No hung job: rank 1's traceback is printed, then MPI_Abort ends every rank within
+    seconds (a hang would reach the 120 s timeout)."""
+    start = time.monotonic()
+    proc = run(case, 2, timeout=120)
+    elapsed = time.monotonic() - start
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    for rank in (0, 1):
-        assert f"PASS {case} rank {rank}" in out, out[-3000:]
+    assert proc.returncode != 0, out[-3000:]
+    assert elapsed < 30, (elapsed, out[-3000:])
+    in_thread = " in thread 'worker'" if case == "abort_in_thread" else ""
+    for words in ("Traceback", "RuntimeError: boom on rank 1",
+                  "fastopt.distributed: rank 1 of 2 ended with an uncaught RuntimeError"
+                  + in_thread + "; MPI_Abort ends the job"):
+        assert words in out, (words, out[-3000:])
+    assert "PASS" not in out, out[-3000:]
+
+
+def test_every_case_is_in_a_table():
+    """Every case function in mpi_cases.py is run by a test, and every table entry exists."""
+    with open(os.path.join(HERE, "mpi_cases.py")) as f:
+        defined = set(re.findall(r"^def case_(\w+)\(", f.read(), re.M))
+    assert defined == set(CASES) | set(ABORTS), defined ^ (set(CASES) | set(ABORTS))
+    assert set(CASES3) <= set(CASES)
 
 
 def test_missing_mpi4py_is_a_clear_error(monkeypatch):
