@@ -18,9 +18,11 @@ numbers are not clean.
 
 1. Step split.  AdamW at 1e3, 1e6 and 1e7 parameters (one flat tensor), each wrapper built
    with bucket_elements=None ("one": the whole arena reduced, then stepped; ZeRO's default)
-   and with buckets of DEFAULT_BUCKET_ELEMENTS (DataParallel's default: each bucket reduced,
-   then stepped while in cache; no thread, nothing overlaps), and the default again with a new lr before every
-   step ("+lr", what a scheduler does: the hyperparameters' digest is recomputed).  Columns
+   and with buckets of DEFAULT_BUCKET_ELEMENTS (DataParallel's default: the buckets summed
+   one after the other by DataParallel's communication thread while the stepping thread
+   steps each one whose sum is in, while in cache; ZeRO: pieces reduced, stepped and gathered
+   in turn), and the same again with a new lr before every step ("+lr", what a scheduler
+   does: the hyperparameters' digest is recomputed).  Columns
    are last_step_seconds: "check" (check_step and the 16-byte Allgather that makes every rank
    agree on the step; as the step's first collective it also holds the wait for the slowest
    rank), "comm" (time in, or waiting for, the reduction and, for ZeRO, the Allgatherv of the

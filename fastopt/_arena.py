@@ -78,11 +78,11 @@ class Arena:
         return [(min(max(s, lo), hi) - lo, min(max(e, lo), hi) - lo) for s, e in self.ranges]
 
     def shard(self, size, granule=ALIGN):
-        """ZeRO's cut: `size` contiguous pieces of whole granules (64-byte lines, or larger:
-        a multiple of ALIGN); -> all bounds."""
-        per = -(-self.total // size)
-        chunk = -(-per // granule) * granule
-        bounds = [min(r * chunk, self.total) for r in range(size + 1)]
+        """ZeRO's cut: `size` contiguous pieces of whole granules (64-byte lines, or larger: a
+        multiple of ALIGN), as even as whole granules allow (counts differ by one at most; a
+        piece is empty when there are fewer granules than pieces); -> all bounds."""
+        units = -(-self.total // granule)
+        bounds = [min(r * units // size * granule, self.total) for r in range(size + 1)]
         bounds[-1] = self.total
         return bounds
 

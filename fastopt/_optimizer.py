@@ -51,7 +51,7 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 _Loss = TypeVar("_Loss")
 
 
-def _product_overflows(grads, multiplier):
+def product_overflows(grads, multiplier):
     """Whether some grads[i] * float32(multiplier), in float32 as the kernels multiply, is
     infinite (the largest magnitude decides it: float32 multiplication is monotonic)."""
     if grads.size == 0:
@@ -598,7 +598,7 @@ class Optimizer(Generic[Views]):
         return self._backend.grad_norm(self.flat_grads, norm_type)
 
     def _product_overflows(self, grad_multiplier):
-        return _product_overflows(self.flat_grads, grad_multiplier)
+        return product_overflows(self.flat_grads, grad_multiplier)
 
     def _full_state(self):
         """State arenas over the whole arena (a sharded optimizer gathers them)."""

@@ -7,7 +7,8 @@ the natural unit for sharding optimizer state.
     from mpi4py import MPI                  # launched as: mpiexec -n 4 python train.py
     opt = DataParallel(fastopt.AdamW(params, lr=1e-3))
     ...each rank writes the gradients of its part of the batch into opt.grads...
-    opt.step()                              # one Allreduce, then one fused step
+    opt.step()                              # Allreduce bucket by bucket, each bucket
+                                            # stepped by the fused kernel as its sum arrives
 
     opt = ZeroRedundancyOptimizer(params, optimizer_class=fastopt.AdamW, lr=1e-3)
     opt.step()                              # Reduce_scatter, a fused step on this rank's
@@ -19,26 +20,31 @@ apart.  Against a single process that steps with the average of the ranks' gradi
 result is bit-identical when the reduction's order of additions is the single process's: with
 2 ranks the sum is one addition, which is commutative, and the average's factor 1/2 is exact,
 so `(g0 + g1) * 0.5` on one process and the 2-rank step agree bit for bit (the tests assert
-this).  With more ranks MPI may associate the sum differently, which changes the last bits.
+this), with two exceptions: a halved gradient below float32's normal range (under 1.2e-38)
+rounds once here where the single process rounds it twice, and the norm of an order other
+than 1, 2 and inf (pow does not scale exactly) can differ in its last bits.  With more ranks
+MPI may associate the sum differently, which changes the last bits.
 
 mpi4py is imported only when a communicator is needed; it is not a dependency of fastopt's
 core (install the `mpi` extra: mpi4py, and MPICH's wheel for machines without an MPI).
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import numbers
 import sys
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, List, Optional, Type, Union
 
 import numpy as np
 
 from fastopt import _validate as V
 from fastopt._arena import ALIGN, aligned_zeros, round_up
-from fastopt._optimizer import Optimizer
+from fastopt._optimizer import Optimizer, product_overflows
 from fastopt._typing import F32, Params, Views
 
 if TYPE_CHECKING:
@@ -120,7 +126,7 @@ def _abort(why):
         # way from this rank (seen on a loaded machine): give it a moment to pass it on
         time.sleep(0.5)
     finally:
-        comm.Abort(1)
+        _mpi().COMM_WORLD.Abort(1)         # the whole job, whatever communicator it was
 
 
 def check_same_layout(comm: Comm, opt: Optimizer[Any], what: str, **options: Any) -> None:
@@ -307,22 +313,21 @@ def _agree(comm, error, what, why):
                            + ")")
 
 
-# DataParallel's bucket: 2**18 elements (1 MiB of float32).  Measured with
-# `mpiexec -n 2 python bench/distributed.py` (AdamW, 1e7 params, 2 ranks on 2 cores, MPICH; see
-# the README): a step in buckets of 2**18 took 23 ms against 37 ms in one piece.  Most of that
-# is MPI's: MPICH sums 1 MiB messages 2.3x faster than one 40 MB message here (3.4 against
-# 1.5 GB/s); the rest is the cache (a bucket stepped right after its sum is read from cache:
-# 11 against 13 ms of compute).  2**18 to 2**20 were within noise of each other in 7 sweeps;
-# 2**16 and below pay each collective's fixed cost (38 ms at 2**14).
+# DataParallel's bucket: 2**18 elements (1 MiB of float32), chosen from bench/distributed.py's
+# bucket sweep (the README has the numbers): on 2 ranks of one machine, buckets from 2**18 to
+# 2**20 made a step of 1e7 params about 1.6x faster than one Allreduce of the whole arena
+# (MPICH sums 1 MiB messages faster than one of 40 MB, and a bucket is stepped while in cache),
+# within noise of each other; below 2**16 each collective's fixed cost shows.
 DEFAULT_BUCKET_ELEMENTS = 1 << 18
 
 
 def _bucket_arg(bucket_elements):
-    if bucket_elements is not None and (isinstance(bucket_elements, bool) or
-                                        not isinstance(bucket_elements, int) or
-                                        bucket_elements < 1):
+    if bucket_elements is None:
+        return None
+    if isinstance(bucket_elements, (bool, np.bool_)) or \
+            not isinstance(bucket_elements, numbers.Integral) or bucket_elements < 1:
         raise ValueError(f"bucket_elements must be an int >= 1 or None, got {bucket_elements!r}")
-    return bucket_elements
+    return int(bucket_elements)
 
 
 def _cut(lo, hi, bucket_elements):
@@ -340,65 +345,99 @@ def _multiple_threads():
     return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
 
 
+_BUCKET_COMMS: Dict[int, Any] = {}     # a communicator's handle -> (it, its bucket Dup)
+
+
+def _bucket_comm(comm):
+    """The communicator DataParallel's bucket collectives run on: a Dup of `comm`, made once
+    per communicator (a collective: the first wrapper on `comm` makes it on every rank) and
+    shared by the wrappers on it, so that building many wrappers does not use up MPI's
+    communicators.  Its own communicator lets a communication thread be in a bucket's
+    collective while the stepping thread runs the step check on `comm`."""
+    key = comm.py2f()
+    entry = _BUCKET_COMMS.get(key)
+    if entry is None or entry[0] != comm:     # a freed handle taken again by another
+        entry = _BUCKET_COMMS[key] = (comm, comm.Dup())
+    return entry[1]
+
+
 class _Pipeline:
     """DataParallel's buckets: the gradient arena cut into ranges, summed over the ranks in a
-    fixed order (the last bucket first, the order in which a backward pass writes them) on a
-    communicator of their own, each stepped as soon as its sum is in.
+    fixed order (the last bucket first, the order in which a backward pass writes them), each
+    stepped as soon as its sum is in.
 
-    Buckets are reduced either by the stepping thread itself, one blocking Allreduce before
-    each bucket's kernel call, or, once `ready` has been told of a parameter, by a
-    communication thread that starts each bucket the moment every parameter in it is ready
-    and the buckets before it in the order have started.  Every rank issues bucket j as its
-    j-th collective on the bucket communicator whichever thread issues it, so the ranks always
-    agree."""
+    With MPI_THREAD_MULTIPLE (mpi4py asks for it) and more than one bucket, a communication
+    thread runs the buckets' Allreduces one after the other while the stepping thread steps
+    each bucket whose sum is in: bucket j+1 is summed while bucket j is stepped.  grad_ready
+    hands a bucket to the thread earlier, during the caller's backward pass, once every
+    parameter in it is ready and the buckets before it in the order have been handed over.
+    Without the thread, the stepping thread sums each bucket (a blocking Allreduce) just
+    before stepping it.  Every rank issues bucket j as its j-th collective on the bucket
+    communicator of a step, whichever thread issues it, so the ranks always agree."""
 
-    def __init__(self, comm, layout, grads, bucket_elements):
+    def __init__(self, comm, layout, grads, bucket_elements, threaded):
         self.comm = comm
         self.grads = grads
+        self.threaded = threaded
         self.buckets = _cut(0, grads.size, bucket_elements)[::-1]
+        starts = [lo for lo, _ in self.buckets][::-1]        # ascending, for bisect
+        nb = len(self.buckets)
         self.of_param = []          # param k -> the buckets (in order) it overlaps
-        waiting = [0] * len(self.buckets)
+        waiting = [0] * nb
         for k, shape in enumerate(layout.shapes):
             lo, n = layout.offsets[k], int(np.prod(shape))
-            mine = [j for j, (a, b) in enumerate(self.buckets) if n and a < lo + n and lo < b]
+            if n == 0:
+                self.of_param.append([])
+                continue
+            first = bisect.bisect_right(starts, lo) - 1          # ascending indices
+            last = bisect.bisect_right(starts, lo + n - 1) - 1
+            mine = [nb - 1 - a for a in range(first, last + 1)]  # in the order's indices
             self.of_param.append(mine)
             for j in mine:
                 waiting[j] += 1
         self.waiting0 = waiting
         self.thread = None
         self.cond = threading.Condition()
+        self.queue = []
         self.error = None
         self.comm_seconds = 0.0
         self.reset()
 
     def reset(self):
-        """A new iteration: no parameter ready, nothing started."""
+        """A new step: no parameter ready, nothing handed to the thread (which is idle)."""
         self.waiting = list(self.waiting0)
         self.ready = bytearray(len(self.of_param))
         self.launched = 0           # buckets handed to the thread: a prefix of the order
-        self.completed = 0          # of them, done
-        self.summed = False         # allreduce_grads() summed every bucket already
+        self.completed = 0          # of them, summed
 
     def mark(self, k):
-        """Parameter k's gradient is written: start every bucket that is now complete."""
-        self.ready[k] = 1
-        for j in self.of_param[k]:
-            self.waiting[j] -= 1
-        n = self.launched
-        while n < len(self.buckets) and self.waiting[n] == 0:
-            n += 1
-        if n > self.launched:
+        """Parameter k's gradient is written: hand over every bucket that is now complete."""
+        with self.cond:             # grad_ready may be called from several threads
+            self.ready[k] = 1
+            for j in self.of_param[k]:
+                self.waiting[j] -= 1
+            n = self.launched
+            while n < len(self.buckets) and self.waiting[n] == 0:
+                n += 1
             self._launch(n)
 
     def _launch(self, n):
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._serve, name="fastopt-allreduce",
-                                           daemon=True)
-            self.queue = []
-            self.thread.start()
+        """Hand buckets [launched, n) to the communication thread (started on first use)."""
         with self.cond:
+            if n <= self.launched:
+                return
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._serve, name="fastopt-allreduce",
+                                               daemon=True)
+                self.thread.start()
             self.queue.extend(range(self.launched, n))
             self.launched = n
+            self.cond.notify_all()
+
+    def stop(self):
+        """End the communication thread once it is idle (the wrapper was collected)."""
+        with self.cond:
+            self.queue.append(None)
             self.cond.notify_all()
 
     def _serve(self):
@@ -431,20 +470,27 @@ class _Pipeline:
                                    "communication thread") from self.error
 
     def drain(self):
-        """Wait until every bucket already started is summed (before the gradients change)."""
+        """Wait until every bucket handed to the thread is summed."""
         if self.launched:
             t0 = time.perf_counter()
             self._wait(self.launched - 1)
             self.comm_seconds += time.perf_counter() - t0
 
+    def reconcile(self, comm):
+        """After a refused step (a collective: every rank refused): hand over the buckets that
+        another rank handed over and this one did not, and wait for them, so that every rank
+        has issued the same bucket collectives before the caller goes on."""
+        most = comm.allreduce(self.launched, op=_mpi().MAX)
+        if most > self.launched:
+            self._launch(most)
+        self.drain()
+
     def ranges(self):
-        """Each bucket's (lo, hi), yielded once its sum is in, in the fixed order; time spent
-        waiting for sums is added to comm_seconds."""
-        if self.summed:
-            yield from self.buckets
-            return
+        """Each bucket's (lo, hi), yielded once its sum is in, in the fixed order; the time
+        spent waiting for sums is added to comm_seconds."""
         MPI = _mpi()
-        if self.launched and self.launched < len(self.buckets):
+        if self.launched < len(self.buckets) and (self.launched or self.threaded and
+                                                  len(self.buckets) > 1):
             self._launch(len(self.buckets))         # the rest go to the thread, in order
         for j, (lo, hi) in enumerate(self.buckets):
             t0 = time.perf_counter()
@@ -516,14 +562,13 @@ class DataParallel(Generic[Views]):
         self._pipe = None
         self._marks = bytearray(len(opt.layout.shapes))     # grad_ready's, on one rank
         if comm.Get_size() > 1:
+            if abort_on_error:          # before the first collective: no rank waits on one
+                abort_on_uncaught_exception(comm)           # that died here
             check_same_layout(comm, opt, "DataParallel", bucket_elements=bucket_elements)
             comm.Bcast(opt.flat_params, root=0)
-            # the buckets' collectives run on a communicator of their own: a communication
-            # thread may be in one while this thread runs the step check on `comm`
-            self._pipe = _Pipeline(comm.Dup(), opt.layout, opt.flat_grads, bucket_elements)
-            self._threaded = _multiple_threads()
-            if abort_on_error:
-                abort_on_uncaught_exception(comm)
+            self._pipe = pipe = _Pipeline(_bucket_comm(comm), opt.layout, opt.flat_grads,
+                                          bucket_elements, _multiple_threads())
+            weakref.finalize(self, pipe.stop)       # its thread ends with the wrapper
         self._check = _StepCheck(comm, opt, "DataParallel")
 
     def __getattr__(self, name: str) -> Any:
@@ -545,11 +590,7 @@ class DataParallel(Generic[Views]):
                              "marked ready for this step")
         if pipe is None:            # one rank: nothing to sum; the marks are still checked
             marks[k] = 1
-            return
-        if pipe.summed:
-            raise ValueError("DataParallel.grad_ready: allreduce_grads() has summed every "
-                             "gradient of this step already")
-        if self._threaded:
+        elif pipe.threaded:
             pipe.mark(k)
         else:
             pipe.ready[k] = 1
@@ -582,14 +623,16 @@ class DataParallel(Generic[Views]):
         self._marks = bytearray(len(self._marks))
 
     def allreduce_grads(self) -> None:
-        """Sum the gradient arena over the ranks, in place, now (every bucket not summed yet);
-        the next step() steps with these sums and does not sum them again."""
+        """Sum the gradient arena over the ranks, in place (the buckets that grad_ready
+        started are waited for, not summed again), and clear the marks.  For a step of your
+        own after it (`opt.optimizer.step(...)`, on the sums); DataParallel.step() would sum
+        again."""
         pipe = self._pipe
         if pipe is None:
             return
         for _ in pipe.ranges():
             pass
-        pipe.summed = True
+        pipe.reset()
 
     def step(self, closure: Optional[Callable[[], Any]] = None, *, zero_grad: bool = False,
              grad_multiplier: float = 1.0, max_grad_norm: Optional[float] = None,
@@ -601,11 +644,16 @@ class DataParallel(Generic[Views]):
         nothing has changed (buckets that grad_ready started are summed already; they are not
         summed again)."""
         t_start = time.perf_counter()
+        size, pipe = self.comm.Get_size(), self._pipe
         # the check takes the optimizer's lock on every rank (one thread at a time, as
         # Optimizer.step) or raises on every rank
-        loss, (zero_grad, m, max_grad_norm, norm_type, changed) = self._check(
-            closure, zero_grad, grad_multiplier, max_grad_norm, norm_type)
-        size, pipe = self.comm.Get_size(), self._pipe
+        try:
+            loss, (zero_grad, m, max_grad_norm, norm_type, changed) = self._check(
+                closure, zero_grad, grad_multiplier, max_grad_norm, norm_type)
+        except Exception:
+            if pipe is not None:        # every rank refused: no bucket may be left unmatched
+                pipe.reconcile(self.comm)
+            raise
         t0 = time.perf_counter()
         try:
             if pipe is not None:
@@ -656,13 +704,13 @@ class _Zero:
         abort_on_error = V.flag("abort_on_error", abort_on_error)
         self.writes_checkpoints = comm.Get_rank() == 0
         self._comm_seconds = 0.0
+        if comm.Get_size() > 1 and abort_on_error:    # before the first collective
+            abort_on_uncaught_exception(comm)
         super().__init__(params, **defaults)
         if comm.Get_size() > 1:
             check_same_layout(comm, self, "ZeroRedundancyOptimizer",
                               bucket_elements=self.bucket_elements)
             comm.Bcast(self.flat_params, root=0)
-            if abort_on_error:
-                abort_on_uncaught_exception(comm)
         self._check = _StepCheck(comm, self, "ZeroRedundancyOptimizer")
 
     def _shard_range(self, arena):
@@ -685,6 +733,7 @@ class _Zero:
         # the reduced gradients of this shard land here (the full gradient arena keeps this
         # rank's own, unreduced gradients); alone, a rank reads its gradients where they are
         self._shard_grads = aligned_zeros(hi - lo) if size > 1 else None
+        self._gathered = None       # a small arena's reduced gradients, for its norm
         return lo, hi
 
     def _kernel_grads(self):
@@ -766,7 +815,9 @@ class _Zero:
             norm = backend.norm_from_blocks(everyone[keep], norm_type)
             nonfinite = any(f != 0.0 for f in flags)
         else:
-            full = np.empty(self.flat_params.size, np.float32)
+            full = self._gathered
+            if full is None:
+                full = self._gathered = np.empty(self.flat_params.size, np.float32)
             counts = [b - a for a, b in zip(bounds, bounds[1:])]
             comm.Allgatherv(self._shard_grads, [full, counts, bounds[:-1], MPI.FLOAT])
             norm, nonfinite = backend.grad_norm(full, norm_type)
@@ -776,8 +827,7 @@ class _Zero:
     def _product_overflows(self, grad_multiplier):
         if self.comm.Get_size() == 1:
             return super()._product_overflows(grad_multiplier)
-        from fastopt._optimizer import _product_overflows
-        mine = _product_overflows(self._shard_grads, grad_multiplier)
+        mine = product_overflows(self._shard_grads, grad_multiplier)
         return self.comm.allreduce(mine, op=_mpi().LOR)
 
     def _full_state(self):
@@ -886,25 +936,29 @@ class _Zero:
 _ZERO_CLASSES: Dict[Any, Any] = {}
 
 
-def ZeroRedundancyOptimizer(params: Params, optimizer_class: Optional[Type[Optimizer[Any]]] = None,
-                            comm: Comm = None,
-                            bucket_elements: Optional[int] = None,
+def ZeroRedundancyOptimizer(params: Params,
+                            optimizer_class: Optional[Type[Optimizer[Any]]] = None,
+                            comm: Comm = None, bucket_elements: Optional[int] = None,
                             abort_on_error: bool = True, **defaults: Any) -> Optimizer[Any]:
     """ZeRO stage 1 (torch.distributed.optim.ZeroRedundancyOptimizer's name and shape).
 
     Every rank holds the whole params and grads arenas (`opt.params`, `opt.grads` as in the
     core) but optimizer state only for its shard: the arena cut into `size` contiguous pieces
     (a param group may span two shards; each shard's kernel call covers the groups it
-    overlaps), on the gradient norm's blocks of 8192 elements when the arena has one for every
-    rank, else on 64-byte lines.  `step()` sums the gradients into each rank's shard, steps
+    overlaps).  `step()` sums the gradients into each rank's shard, steps
     the shard with the 1/size average folded into the kernel, and gathers the params: one
     Reduce_scatter, one kernel call, one Allgatherv.  With `bucket_elements` it runs piece by
     piece instead, piece k of every shard reduced (one Reduce per rank), stepped and gathered
-    before piece k+1, while each piece is in cache; bit-identical, but slower where measured
-    (MPICH, 2 ranks on one machine: 31 against 29 ms a step at 1e7 params, as its Reduce of
-    pieces is slower than one Reduce_scatter; bench/distributed.py), hence off by default.  `step(max_grad_norm=...)` and `skip_nonfinite=True` use the norm
-    of every shard's reduced gradients, combined in a fixed order, so every rank takes the
-    same decision and the result is one process's (bit for bit with 2 ranks).
+    before piece k+1, while each piece is in cache: bit-identical to one piece with 2 ranks
+    (with more, MPI may add the ranks in another order for a Reduce than for a
+    Reduce_scatter), but slower where measured (MPICH, 2 ranks on one machine: its Reduces of
+    pieces cost more than one Reduce_scatter; see the README), hence off by default.
+    The shards start on the gradient norm's blocks (8192 elements; the NumPy twin's are
+    65536) when the arena has a block for every rank, else on 64-byte lines, as even as that
+    allows.  `step(max_grad_norm=...)` and `skip_nonfinite=True` use the norm of every
+    shard's reduced gradients, combined in a fixed order (or, for an arena smaller than a
+    block a rank, taken of the gathered reduced gradients), so every rank takes the same
+    decision and the result is one process's (bit for bit with 2 ranks).
     `state_nbytes` is this rank's state; `last_step_seconds` splits the last step into
     {"check": ..., "comm": ..., "compute": ..., "wall": ...}.  `state_dict()` and `save()`
     gather the single-process form, so a run resumes on any number of ranks, or on one

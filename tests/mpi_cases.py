@@ -782,8 +782,9 @@ def case_grad_ready():
     first to last in one run; some never marked) are summed before step() is called, on a
     thread, and the steps equal a plain DataParallel and one process bit for bit: after
     zero_grad() clears the marks (waiting for started sums), after a step refused with
-    buckets started (on every rank, or on one: the next step sums each bucket once), after allreduce_grads() (the step
-    sums nothing again, and a mark then raises), with clipping and zero_grad."""
+    buckets started (on every rank, or on one: the next step sums each bucket once), after
+    allreduce_grads() (it sums each bucket once, and the wrapped optimizer steps on the sums),
+    with clipping and zero_grad."""
     assert MPI.Query_thread() == MPI.THREAD_MULTIPLE    # else grad_ready records, step() sums
     n = len(SHAPES)
     dp = DataParallel(fastopt.AdamW(groups(params())), bucket_elements=64)
@@ -850,16 +851,81 @@ def case_grad_ready():
             elif then == "allreduce_grads":
                 opt.allreduce_grads()
                 assert all(bitwise(v, w) for v, w in zip(grad_views(opt), summed(t))), what
-                raises(ValueError, lambda: opt.grad_ready(key(1)), "allreduce_grads()")
             write(plain, rank_grads(t, rank))
-            assert opt.step(**step_kw) is plain.step(**step_kw) is \
-                step_as_one_process(one, t, **step_kw)
-            assert set(opt.last_step_seconds) == STEP_SECONDS, opt.last_step_seconds
+            if then == "allreduce_grads":   # a step of one's own on the sums
+                stepped = opt.optimizer.step(grad_multiplier=1.0 / size, **step_kw)
+            else:
+                stepped = opt.step(**step_kw)
+                assert set(opt.last_step_seconds) == STEP_SECONDS, opt.last_step_seconds
+            assert stepped is plain.step(**step_kw) is step_as_one_process(one, t, **step_kw)
             if step_kw.get("zero_grad"):
                 assert not opt.flat_grads.any(), what
             assert bitwise(opt.flat_params, plain.flat_params), f"{what}: != plain step"
             assert bitwise(opt.flat_params, one.flat_params), f"{what}: != one process"
         assert_same_run(opt, one, label)
+
+
+def case_refused_mid_backward():
+    """A closure that marks gradients ready as it writes them and raises on the last rank
+    half-way: every rank refuses the step, the buckets one rank started and another did not
+    are issued everywhere before the refusal returns (no rank is left in a collective the
+    others never enter), and after zero_grad() the run goes on equal to one process."""
+    n = len(SHAPES)
+    dp = DataParallel(fastopt.AdamW(groups(params())), bucket_elements=64)
+    one = fastopt.AdamW(groups(params()))
+    for t in range(4):
+        def closure(fail=False):
+            gs = rank_grads(t, rank)
+            for k in reversed(range(n)):
+                grad_views(dp)[k][...] = gs[k]
+                dp.grad_ready(k)
+                if fail and k == 2 and rank == size - 1:
+                    raise RuntimeError("the backward pass failed here")
+            return 0.0
+        if t == 1:
+            raises(ValueError if rank != size - 1 else RuntimeError,
+                   lambda: dp.step(lambda: closure(fail=True)),
+                   "the backward pass failed" if rank == size - 1 else "refused on another")
+            dp.zero_grad()
+        dp.step(closure)
+        step_as_one_process(one, t)
+        assert bitwise(dp.flat_params, one.flat_params), f"step {t}"
+    assert_same_run(dp, one, "after a refused step")
+
+
+def case_allreduce_grads_each_step():
+    """allreduce_grads() then a step of one's own, over several steps: each step's gradients
+    are summed (a flag left from one step must not skip the next step's sum)."""
+    dp = DataParallel(fastopt.AdamW(groups(params())), bucket_elements=64)
+    one = fastopt.AdamW(groups(params()))
+    for t in range(4):
+        write(dp, rank_grads(t, rank))
+        dp.allreduce_grads()
+        assert all(bitwise(v, w) for v, w in zip(grad_views(dp), summed(t))), t
+        dp.optimizer.step(grad_multiplier=1.0 / size)
+        step_as_one_process(one, t)
+        assert bitwise(dp.flat_params, one.flat_params), f"step {t}"
+
+
+def case_many_wrappers():
+    """Building thousands of wrappers on one communicator (a hyperparameter search) uses up
+    neither MPI's communicators (MPICH has 2048) nor threads: the bucket communicator is
+    shared, and a wrapper's communication thread ends with it."""
+    import gc
+    base = threading.active_count()
+    for i in range(2100):
+        dp = DataParallel(fastopt.SGD([np.full(40, 1.0, np.float32)], lr=0.1))
+        dp.grads[0][...] = rank + 1.0
+        dp.grad_ready(0)
+        dp.step()
+        assert dp.params[0][0] == np.float32(1.0 - 0.1 * (size + 1) / 2), i
+    del dp
+    gc.collect()
+    for _ in range(100):
+        if threading.active_count() <= base:
+            break
+        time.sleep(0.01)
+    assert threading.active_count() <= base, threading.enumerate()
 
 
 def case_abort_on_error():
@@ -923,6 +989,17 @@ def case_abort_in_zero_step():
     if rank == 1:
         boom_on_rank_1()
     zero.step()
+
+
+def case_abort_before_wrapper():
+    """A script that installs the hook first is covered before any wrapper exists: rank 1
+    dies before building its DataParallel while rank 0 waits in the construction's
+    collective."""
+    from fastopt.distributed import abort_on_uncaught_exception
+    abort_on_uncaught_exception()
+    if rank == 1:
+        boom_on_rank_1()
+    DataParallel(fastopt.SGD(groups(params()), momentum=0.9))
 
 
 def case_abort_in_thread():

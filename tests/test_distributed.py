@@ -66,6 +66,12 @@ CASES = {
                   "bucket summed once; equal to a plain step and one process bit for bit",
     "abort_on_error": "abort_on_error=False or one rank installs no excepthook; the default "
                       "installs it once",
+    "refused_mid_backward": "a closure that marks gradients ready and raises half-way on one "
+                            "rank: every rank refuses, every rank has issued the same bucket "
+                            "collectives, and the run goes on equal to one process",
+    "allreduce_grads_each_step": "allreduce_grads() then the wrapped optimizer's step, step "
+                                 "after step, sums every step's gradients once",
+    "many_wrappers": "2100 wrappers on one communicator: no communicator or thread runs out",
 }
 
 # Cases that hold with any number of ranks, run on 3 as well: MPI may add 3 ranks' gradients
@@ -78,6 +84,8 @@ CASES3 = {
                               "process bit for bit",
     "zero_pipeline": "ZeRO's pieces on 3 ranks equal one bucket and one process bit for bit",
     "grad_ready": "grad_ready's sums on 3 ranks, each bucket summed once",
+    "refused_mid_backward": "a step refused half-way through a marking backward pass on 3 "
+                            "ranks: no rank left in a collective, the run goes on",
 }
 
 # Rank 1 raises an exception that nothing catches while rank 0 waits in a collective: the
@@ -88,6 +96,8 @@ ABORTS = {
                                      "Allreduce (grad_ready), its main thread in step()",
     "abort_in_zero_step": "rank 0 waits in ZeroRedundancyOptimizer.step()",
     "abort_in_thread": "rank 1's exception is in a thread, its main thread alive",
+    "abort_before_wrapper": "the hook installed first: rank 1 dies before building its "
+                            "wrapper, rank 0 waits in the construction's collective",
 }
 
 
