@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import UNDER_ASAN
 
@@ -184,3 +185,21 @@ def test_readme_example_trains_under_mpiexec(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     loss = float(proc.stdout.split()[-1])
     assert loss < 1e-3
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "64", np.float32(8)])
+def test_bad_bucket_elements_is_a_clear_error(bad):
+    """A bucket size that is not an int >= 1 (or None) is refused by name, by both wrappers,
+    before any collective; a NumPy integer is an int."""
+    from mpi4py import MPI
+
+    import fastopt
+    from fastopt.distributed import DataParallel, ZeroRedundancyOptimizer
+    opt = fastopt.SGD([np.ones(40, np.float32)], lr=0.1)
+    with pytest.raises(ValueError, match="bucket_elements must be an int >= 1 or None"):
+        DataParallel(opt, comm=MPI.COMM_SELF, bucket_elements=bad)
+    with pytest.raises(ValueError, match="bucket_elements must be an int >= 1 or None"):
+        ZeroRedundancyOptimizer([np.ones(40, np.float32)], optimizer_class=fastopt.SGD,
+                                comm=MPI.COMM_SELF, bucket_elements=bad, lr=0.1)
+    dp = DataParallel(opt, comm=MPI.COMM_SELF, bucket_elements=np.int64(64))
+    assert dp.bucket_elements == 64 and type(dp.bucket_elements) is int
