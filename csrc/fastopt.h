@@ -64,14 +64,52 @@ typedef struct {
     int zero_grad;
 } fo_grad_opts;
 
+#define FO_MAX_BUFFERS 3
+
+/* How a group's state buffers are stored (fastopt/_formats.py states the rules and holds the
+ * NumPy twins): float32; bfloat16 rounded to nearest even or stochastically; or int8 codes of
+ * a 256-entry dynamic map with a float32 absmax per block of FO_QBLOCK elements. */
+typedef enum {
+    FO_FMT_F32 = 0,
+    FO_FMT_BF16 = 1,
+    FO_FMT_BF16_SR = 2,
+    FO_FMT_INT8 = 3,
+} fo_format;
+
+#define FO_QBLOCK 256
+/* The int8 code lookup (see _formats.py): cells of |x/absmax| by the top 16 bits of its float32
+ * pattern, from 2^-27 (FO_CELL_BASE) up to [1, 2). */
+#define FO_CELL_BASE ((127 - 27) << 7)
+#define FO_NCELLS (28 << 7)
+
 /* One group of a call: a range [start, stop) of the parallel buffers, the 1-based count of
- * the step being taken (the caller owns the count; C never changes it), and the family's
- * hyperparameters: a struct of the family's (its fields are listed in fo_family.fields). */
+ * the step being taken (the caller owns the count; C never changes it), the family's
+ * hyperparameters (a struct of the family's: its fields are listed in fo_family.fields), and
+ * how its state is stored: in the arenas of its format, from element state_start (a group's
+ * element start + j is state element state_start + j).  An int8 group has start, stop and
+ * state_start on FO_QBLOCK boundaries of its own (stop - start and state_start multiples of
+ * it); a call may take any part of it that starts and stops on those. */
 typedef struct {
     size_t start, stop;
     int64_t step;
     const void *hparams;
+    size_t state_start;
+    uint64_t seed;          /* FO_FMT_BF16_SR: the random stream's seed */
+    int32_t format;         /* fo_format */
 } fo_group;
+
+/* The state arenas of a call, per format, each holding its groups' ranges one after another
+ * (slot k: the family's buffer k; NULL where no group needs it), and what the formats read. */
+typedef struct {
+    float *f32[FO_MAX_BUFFERS];
+    uint16_t *bf16[FO_MAX_BUFFERS];
+    uint8_t *codes[FO_MAX_BUFFERS];
+    float *absmax[FO_MAX_BUFFERS];         /* one per FO_QBLOCK codes */
+    unsigned signed_mask;                  /* bit k: buffer k takes both signs */
+    uint64_t index_base;                   /* the arena index of element 0 (a shard's start) */
+    const float *maps;                     /* [2][256]: the unsigned map, the signed map */
+    const uint32_t *cells;                 /* [2][FO_NCELLS]: their code lookups */
+} fo_state;
 
 /* One field of a family's hyperparameter struct, so that a caller can lay out the struct by
  * name (the Python side builds a NumPy structured dtype and checks it against this). */
@@ -81,8 +119,6 @@ typedef struct {
     size_t offset;
     fo_field_type type;
 } fo_field;
-
-#define FO_MAX_BUFFERS 3
 
 /* An optimizer family: its name, hyperparameter struct, state buffers and kernel. */
 typedef struct fo_family {
@@ -105,10 +141,10 @@ size_t fo_family_count(void);
 const fo_family *fo_family_at(size_t i);
 const fo_family *fo_family_find(const char *name);
 
-/* One step of every group, in one parallel region.  `state` holds the family's nbuffers
- * arenas in order; a buffer may be NULL when no group needs it (fo_family.needs). */
+/* One step of every group, in one parallel region.  `state` holds the family's state arenas
+ * (fo_state); a buffer may be NULL when no group of its format needs it (fo_family.needs). */
 void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
-             float *const *state, const fo_grad_opts *opts, const fo_group *groups,
+             const fo_state *state, const fo_grad_opts *opts, const fo_group *groups,
              size_t ngroups);
 
 /* 0 when every group's per-step float32 scalars (step sizes, decay factors, bias corrections,

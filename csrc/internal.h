@@ -132,9 +132,19 @@ FO_INLINE float fo_read_grad(float *restrict grad, size_t i, float factor, unsig
 typedef struct {
     fo_isa isa;
     float *param, *grad;
-    float *state[FO_MAX_BUFFERS];
+    const fo_state *state;
     const fo_grad_opts *opts;
 } fo_call;
+
+/* A family's loop at one ISA, as the state formats call it on a tile of float32 state. */
+typedef void (*fo_body_fn)(float *param, float *grad, float *s0, float *s1, float *s2, size_t n,
+                           const void *scalars, unsigned modes);
+
+/* Group `g`'s range [lo, hi) when its state is stored in a compressed format (csrc/formats.c):
+ * tile by tile (FO_QBLOCK elements), the used buffers widened into float32 tiles, `body`
+ * run on them, and the tiles rounded back, in one pass. */
+void fo_tiles(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigned used,
+              fo_body_fn body, const void *scalars, unsigned modes);
 
 /* ---- declaring a family ----------------------------------------------------------------
  *
@@ -179,12 +189,22 @@ typedef struct {
 /* modes < NMODES by construction (prepare's bits and FO_ZERO_GRAD) */
 #define FO_SELECT_(NAME, NMODES) switch (modes) { FO_CASES_##NMODES(NAME, 0) default: break; }
 
+/* the loop at one ISA with the scalars untyped, for fo_tiles */
+#define FO_TILE_FN_(NAME, ISA)                                                            \
+    static void NAME##_tile_##ISA(float *param, float *grad, float *s0, float *s1,        \
+                                  float *s2, size_t n, const void *s, unsigned modes)     \
+    { NAME##_##ISA(param, grad, s0, s1, s2, n, (const NAME##_scalars *)s, modes); }
+
 #if FO_HAVE_X86_64
 #define FO_ISA_VARIANTS_(NAME, NMODES)                                                    \
     FO_TARGET_X86_64_V3 static void NAME##_x86_64_v3(FO_INST_ARGS(NAME))                  \
     { FO_SELECT_(NAME, NMODES) }                                                          \
     FO_TARGET_X86_64_V4 static void NAME##_x86_64_v4(FO_INST_ARGS(NAME))                  \
-    { FO_SELECT_(NAME, NMODES) }
+    { FO_SELECT_(NAME, NMODES) }                                                          \
+    FO_TILE_FN_(NAME, x86_64_v3) FO_TILE_FN_(NAME, x86_64_v4)
+#define FO_TILE_SELECT_(NAME, isa)                                                        \
+    ((isa) == FO_ISA_X86_64_V4 ? NAME##_tile_x86_64_v4                                    \
+     : (isa) == FO_ISA_X86_64_V3 ? NAME##_tile_x86_64_v3 : NAME##_tile_baseline)
 #define FO_ISA_DISPATCH_(NAME, isa, ...)                                                  \
     switch (isa) {                                                                        \
     case FO_ISA_X86_64_V4: NAME##_x86_64_v4(__VA_ARGS__); return;                         \
@@ -194,10 +214,12 @@ typedef struct {
 #else
 #define FO_ISA_VARIANTS_(NAME, NMODES)
 #define FO_ISA_DISPATCH_(NAME, isa, ...) NAME##_baseline(__VA_ARGS__);
+#define FO_TILE_SELECT_(NAME, isa) NAME##_tile_baseline
 #endif
 
 #define FO_FAMILY(NAME, NMODES)                                                           \
     static void NAME##_baseline(FO_INST_ARGS(NAME)) { FO_SELECT_(NAME, NMODES) }          \
+    FO_TILE_FN_(NAME, baseline)                                                           \
     FO_ISA_VARIANTS_(NAME, NMODES)                                                        \
     static void NAME##_range(const void *call, const void *group, size_t lo, size_t hi)    \
     {                                                                                     \
@@ -208,9 +230,14 @@ typedef struct {
         const unsigned modes = NAME##_prepare(&s, hp, grp->step, c->opts)                 \
                                | (c->opts->zero_grad ? FO_ZERO_GRAD : 0u);                \
         const unsigned used = NAME##_needs(hp);                                           \
+        if (grp->format != FO_FMT_F32) {                                                  \
+            fo_tiles(c, grp, lo, hi, used, FO_TILE_SELECT_(NAME, c->isa), &s, modes);     \
+            return;                                                                       \
+        }                                                                                 \
+        const size_t at = grp->state_start + (lo - grp->start);                           \
         float *b[FO_MAX_BUFFERS];                                                         \
         for (int k = 0; k < FO_MAX_BUFFERS; k++)                                          \
-            b[k] = (used >> k & 1u) ? c->state[k] + lo : NULL;                            \
+            b[k] = (used >> k & 1u) ? c->state->f32[k] + at : NULL;                       \
         FO_ISA_DISPATCH_(NAME, c->isa, c->param + lo, c->grad + lo, b[0], b[1], b[2],     \
                          hi - lo, &s, modes)                                              \
     }                                                                                     \
@@ -247,10 +274,12 @@ FO_INLINE int fo_words_finite(const void *p, size_t nbytes)
 
 /* Runs fn(ctx, group, lo, hi) over every group's range, split over up to ex->num_threads
  * threads in one parallel region: the groups' elements, taken end to end, are cut into equal
- * chunks of whole 64-byte lines, one chunk a thread.  Each group struct starts with its
- * size_t start and stop; `stride` is the struct's size. */
+ * chunks of whole 64-byte lines, one chunk a thread, and each cut inside a group moved down to
+ * a multiple of `granule` elements from the group's start (int8 state's blocks never
+ * straddle two threads).  Each group struct starts with its size_t start and stop; `stride`
+ * is the struct's size. */
 typedef void (*fo_range_fn)(const void *ctx, const void *group, size_t lo, size_t hi);
 void fo_run_groups(const fo_exec *ex, const void *groups, size_t ngroups, size_t stride,
-                   fo_range_fn fn, const void *ctx);
+                   size_t granule, fo_range_fn fn, const void *ctx);
 
 #endif /* FASTOPT_INTERNAL_H */

@@ -84,24 +84,30 @@ int fo_have_openmp(void)
 }
 
 /* The part [vlo, vhi) of the groups' elements taken end to end. */
-static void run_span(const void *groups, size_t ngroups, size_t stride, fo_range_fn fn,
-                     const void *ctx, size_t vlo, size_t vhi)
+static void run_span(const void *groups, size_t ngroups, size_t stride, size_t granule,
+                     fo_range_fn fn, const void *ctx, size_t vlo, size_t vhi)
 {
     size_t off = 0;
     for (size_t i = 0; i < ngroups && off < vhi; i++) {
         const void *g = (const char *)groups + i * stride;
         const size_t start = ((const size_t *)g)[0], stop = ((const size_t *)g)[1];
         const size_t len = stop - start;
-        const size_t lo = vlo > off ? vlo : off;
-        const size_t hi = vhi < off + len ? vhi : off + len;
+        /* the cuts inside this group, moved down to its granules (the same function of the
+         * same cut on both sides of it: the threads' parts still tile the group) */
+        size_t lo = (vlo > off ? vlo : off) - off;
+        size_t hi = (vhi < off + len ? vhi : off + len) - off;
+        if (lo < len)
+            lo -= lo % granule;
+        if (hi < len)
+            hi -= hi % granule;
         if (lo < hi)
-            fn(ctx, g, start + (lo - off), start + (hi - off));
+            fn(ctx, g, start + lo, start + hi);
         off += len;
     }
 }
 
 void fo_run_groups(const fo_exec *ex, const void *groups, size_t ngroups, size_t stride,
-                   fo_range_fn fn, const void *ctx)
+                   size_t granule, fo_range_fn fn, const void *ctx)
 {
     size_t total = 0;
     for (size_t i = 0; i < ngroups; i++) {
@@ -126,12 +132,12 @@ void fo_run_groups(const fo_exec *ex, const void *groups, size_t ngroups, size_t
             const size_t chunk = ((total + team - 1) / team + line - 1) / line * line;
             const size_t vlo = t * chunk < total ? t * chunk : total;
             const size_t vhi = vlo + chunk < total ? vlo + chunk : total;
-            run_span(groups, ngroups, stride, fn, ctx, vlo, vhi);
+            run_span(groups, ngroups, stride, granule, fn, ctx, vlo, vhi);
         }
         return;
     }
 #else
     (void)ex;
 #endif
-    run_span(groups, ngroups, stride, fn, ctx, 0, total);
+    run_span(groups, ngroups, stride, granule, fn, ctx, 0, total);
 }

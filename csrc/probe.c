@@ -80,7 +80,7 @@ void fo_probe_r4w3(const fo_exec *ex, float *restrict a, const float *restrict b
 {
     const probe_ctx p = {ex->isa, a, c, d, b};
     const span all = {0, n};
-    fo_run_groups(ex, &all, 1, sizeof all, r4w3_range, &p);
+    fo_run_groups(ex, &all, 1, sizeof all, 1, r4w3_range, &p);
 }
 
 void fo_probe_r3w2(const fo_exec *ex, float *restrict a, const float *restrict b,
@@ -88,5 +88,5 @@ void fo_probe_r3w2(const fo_exec *ex, float *restrict a, const float *restrict b
 {
     const probe_ctx p = {ex->isa, a, c, NULL, b};
     const span all = {0, n};
-    fo_run_groups(ex, &all, 1, sizeof all, r3w2_range, &p);
+    fo_run_groups(ex, &all, 1, sizeof all, 1, r3w2_range, &p);
 }

@@ -46,11 +46,9 @@ size_t fo_check(const fo_family *family, const fo_grad_opts *opts, const fo_grou
 }
 
 void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
-             float *const *state, const fo_grad_opts *opts, const fo_group *groups,
+             const fo_state *state, const fo_grad_opts *opts, const fo_group *groups,
              size_t ngroups)
 {
-    fo_call c = {ex->isa, param, grad, {NULL, NULL, NULL}, opts};
-    for (size_t k = 0; k < family->nbuffers && k < FO_MAX_BUFFERS; k++)
-        c.state[k] = state[k];
-    fo_run_groups(ex, groups, ngroups, sizeof *groups, family->range, &c);
+    const fo_call c = {ex->isa, param, grad, state, opts};
+    fo_run_groups(ex, groups, ngroups, sizeof *groups, FO_QBLOCK, family->range, &c);
 }

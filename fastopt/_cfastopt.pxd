@@ -1,5 +1,5 @@
 # Declarations of the C core (csrc/fastopt.h); nothing here runs.
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "fastopt.h" nogil:
     ctypedef enum fo_isa:
@@ -23,10 +23,33 @@ cdef extern from "fastopt.h" nogil:
         double grad_multiplier
         int zero_grad
 
+    enum: FO_MAX_BUFFERS
+    enum: FO_QBLOCK
+    enum: FO_CELL_BASE
+    enum: FO_NCELLS
+    ctypedef enum fo_format:
+        FO_FMT_F32
+        FO_FMT_BF16
+        FO_FMT_BF16_SR
+        FO_FMT_INT8
+
     ctypedef struct fo_group:
         size_t start, stop
         int64_t step
         const void *hparams
+        size_t state_start
+        uint64_t seed
+        int32_t format
+
+    ctypedef struct fo_state:
+        float *f32[FO_MAX_BUFFERS]
+        uint16_t *bf16[FO_MAX_BUFFERS]
+        uint8_t *codes[FO_MAX_BUFFERS]
+        float *absmax[FO_MAX_BUFFERS]
+        unsigned signed_mask
+        uint64_t index_base
+        const float *maps
+        const uint32_t *cells
 
     ctypedef enum fo_field_type:
         FO_F64
@@ -36,8 +59,6 @@ cdef extern from "fastopt.h" nogil:
         const char *name
         size_t offset
         fo_field_type type
-
-    enum: FO_MAX_BUFFERS
 
     ctypedef struct fo_family:
         const char *name
@@ -52,7 +73,7 @@ cdef extern from "fastopt.h" nogil:
     const fo_family *fo_family_at(size_t i)
     const fo_family *fo_family_find(const char *name)
     void fo_step(const fo_family *family, const fo_exec *ex, float *param, float *grad,
-                 float *const *state, const fo_grad_opts *opts, const fo_group *groups,
+                 const fo_state *state, const fo_grad_opts *opts, const fo_group *groups,
                  size_t ngroups)
     size_t fo_check(const fo_family *family, const fo_grad_opts *opts, const fo_group *groups,
                     size_t ngroups)

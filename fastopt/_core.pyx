@@ -12,13 +12,15 @@ import os
 import numpy as np
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memset
 from libc.stdlib cimport calloc, free, malloc
 
 from fastopt._cfastopt cimport (
     fo_isa, FO_ISA_BASELINE, FO_ISA_X86_64_V3, FO_ISA_X86_64_V4, fo_best_isa, fo_isa_supported,
     fo_isa_name, fo_have_openmp, fo_compiler, fo_compile_flags, fo_exec, fo_grad_opts,
-    fo_group, fo_family, fo_field, FO_F64, FO_MAX_BUFFERS, fo_family_count, fo_family_at,
+    fo_group, fo_state, fo_family, fo_field, FO_F64, FO_MAX_BUFFERS, FO_QBLOCK, FO_CELL_BASE,
+    FO_NCELLS, FO_FMT_F32, FO_FMT_BF16, FO_FMT_BF16_SR, FO_FMT_INT8, fo_family_count, fo_family_at,
     fo_family_find, fo_step, fo_check, fo_probe_r4w3, fo_probe_r3w2, fo_norm_blocks, fo_grad_norm,
     FO_NORM_BLOCK, fo_norm_block_sums, fo_norm_combine,
     fo_omp_max_threads,
@@ -301,6 +303,36 @@ cdef int _pack(const fo_family *f, str family, dict fields, unsigned char *out) 
     return 0
 
 
+cdef inline fo_group _f32_group(size_t start, size_t stop, int64_t step,
+                               const void *hparams) noexcept:
+    cdef fo_group g
+    memset(&g, 0, sizeof(fo_group))
+    g.start, g.stop, g.step, g.hparams = start, stop, step, hparams
+    g.state_start = start
+    g.format = FO_FMT_F32
+    return g
+
+
+# The int8 format's maps and code lookups (fastopt._formats builds them from the map's
+# formula); the C stepper reads them through fo_state.
+from fastopt import _formats
+_MAPS, _CELLS = _formats.tables()
+if _formats.QBLOCK != FO_QBLOCK or _formats.CELL_BASE != FO_CELL_BASE or \
+        _formats.NCELLS != FO_NCELLS or _MAPS.shape != (2, 256) or \
+        _CELLS.shape != (2, FO_NCELLS) or _MAPS.dtype != np.float32 or \
+        _CELLS.dtype != np.uint32:
+    raise ImportError("fastopt._formats and csrc/fastopt.h disagree on the int8 tables")
+cdef const float[:, ::1] _maps_view = _MAPS
+cdef const uint32_t[:, ::1] _cells_view = _CELLS
+QBLOCK = FO_QBLOCK
+
+
+cdef void _no_state(fo_state *st) noexcept:
+    memset(st, 0, sizeof(fo_state))
+    st.maps = &_maps_view[0, 0]
+    st.cells = &_cells_view[0, 0]
+
+
 def kernel(str family, float[::1] param, grad, list state, Py_ssize_t start, Py_ssize_t stop,
            int64_t step, dict fields, double grad_multiplier=1.0, bint zero_grad=False):
     """One group [start, stop) of 1-D buffers: the functional API's backend.
@@ -361,12 +393,16 @@ def kernel(str family, float[::1] param, grad, list state, Py_ssize_t start, Py_
                                              if bufs[k] != NULL]
                 raise ValueError(f"{names[i]} and {names[j]} overlap in memory; every buffer "
                                  "must be a separate array")
-    grp.start, grp.stop, grp.step, grp.hparams = start, stop, step, raw
+    grp = _f32_group(start, stop, step, raw)
     opts = _grad_opts(grad_multiplier, zero_grad)
     if fo_check(f, &opts, &grp, 1):
         raise ValueError(_overflow_message(family, fields, step, grad_multiplier))
+    cdef fo_state st
+    _no_state(&st)
+    for k in range(<size_t>FO_MAX_BUFFERS):
+        st.f32[k] = bufs[k]
     with nogil:
-        fo_step(f, &ex, &param[0], g, bufs, &opts, &grp, 1)
+        fo_step(f, &ex, &param[0], g, &st, &opts, &grp, 1)
 
 
 def check_scalars(str family, list groups, double grad_multiplier=1.0):
@@ -381,7 +417,7 @@ def check_scalars(str family, list groups, double grad_multiplier=1.0):
         raise ValueError(f"{family}: hyperparameter struct of {f.hparams_size} bytes")
     for i, fields, step in groups:
         _pack(f, family, fields, raw)
-        grp.start, grp.stop, grp.step, grp.hparams = 0, 0, step, raw
+        grp = _f32_group(0, 0, step, raw)
         if fo_check(f, &opts, &grp, 1):
             raise ValueError(f"param_groups[{i}]: " + _overflow_message(
                 family, fields, step, grad_multiplier))
@@ -394,38 +430,57 @@ def _overflow_message(family, fields, step, grad_multiplier):
             "computed in double and rounded to float32) overflows float32; nothing was changed")
 
 
+cdef inline int _kind(int fmt) noexcept:
+    """The storage a format uses: 0 float32, 1 bfloat16 (both roundings), 2 int8."""
+    return 0 if fmt == FO_FMT_F32 else (2 if fmt == FO_FMT_INT8 else 1)
+
+
 cdef class Stepper:
     """Steps every group of one optimizer's arena with a single C call.
 
-    Stepper(family, param, grad, ranges, records): `param` and `grad` are the arenas, `ranges`
-    each group's (start, stop), in order and disjoint, `records` an array of the family's
-    hyperparameter dtype with one element a group (checked against the C struct here; the
-    stepper keeps it and hands C a pointer into it).  set_buffer(name, arena) adds a state
-    arena; set_fields(i, fields) writes group i's hyperparameters by name; run(steps,
-    grad_multiplier, zero_grad) takes one step of every group, group i's step being
-    steps[i] + 1 (the caller owns the counts: nothing here changes them).  Every pointer
-    handed to C is checked here once: arenas of one length, disjoint; a buffer that a group's
-    hyperparameters make the C kernel use (its own `needs`) is present.
+    Stepper(family, param, grad, ranges, records, segments=None, signed_mask=0, index_base=0):
+    `param` and `grad` are the arenas, `ranges` each group's (start, stop), in order and
+    disjoint, `records` an array of the family's hyperparameter dtype with one element a group
+    (checked against the C struct here; the stepper keeps it and hands C a pointer into it).
+    `segments` says how each group's state is stored: (group, start, stop, format,
+    state_start) tuples (fastopt._formats' FMT_* codes) that cut each group's range in order;
+    by default one float32 segment a group whose state sits at the same offsets as the params.
+    The state arenas of one storage (float32; bfloat16; int8 codes with their absmax) hold
+    their segments' ranges [state_start, state_start + stop - start).  `signed_mask` bit k:
+    the family's buffer k takes both signs (int8's signed map); `index_base`: the arena index
+    of param[0] (a ZeRO shard's start; stochastic rounding's element index).
+
+    set_buffer(name, arena, format=FMT_F32, absmax=None) adds a state arena of a format's
+    storage; set_fields(i, fields) writes group i's hyperparameters by name; set_seed(i, seed)
+    its stochastic rounding's seed; run(steps, grad_multiplier, zero_grad) takes one step of
+    every group, group i's step being steps[i] + 1 (the caller owns the counts: nothing here
+    changes them).  Every pointer handed to C is checked here once: arenas of the lengths
+    their segments need, disjoint; a buffer that a group's hyperparameters make the C kernel
+    use (its own `needs`) is present in the storage of each of its segments.
     """
     cdef const fo_family *fam
-    cdef Py_ssize_t n, ngroups
+    cdef Py_ssize_t n, ngroups, nsegs
     cdef float *param
     cdef float *grad
-    cdef float *bufs[FO_MAX_BUFFERS]   # the family's state arenas, in its order; NULL until set
+    cdef fo_state st                   # the state arenas (NULL until set), maps, index base
     cdef dict arrays                   # keeps every arena alive while its pointer is held
     cdef object records
     cdef tuple field_names
     cdef dict layout                    # field -> (offset, is double), from C's table
-    cdef fo_group *groups
+    cdef fo_group *groups               # per group: its record and step (fo_check)
+    cdef fo_group *segs                 # per segment: what fo_step is handed
+    cdef Py_ssize_t *seg_group          # per segment: its group
     cdef unsigned *needs                # per group: the buffers its hyperparameters use
     cdef bint *ready                    # per group: every field has been set
+    cdef Py_ssize_t need_len[3]         # per storage: the state elements its segments span
     # a run is in progress (its kernel runs without the GIL): no other run, and no arena or
     # field may change under it.  Read and written with the GIL held, so the test is atomic.
     cdef bint running
 
     def __cinit__(self, str family, float[::1] param not None, float[::1] grad not None,
-                  list ranges, records not None):
-        cdef Py_ssize_t i, start, stop, prev = 0
+                  list ranges, records not None, segments=None, unsigned signed_mask=0,
+                  uint64_t index_base=0):
+        cdef Py_ssize_t i, j, start, stop, prev = 0, gi, st0, fmt
         cdef unsigned char[::1] raw
         self.fam = _family(family)
         _check_layout(self.fam, records.dtype)
@@ -447,12 +502,20 @@ cdef class Stepper:
         self.arrays = {"param": param.base, "grad": grad.base}
         self.param = &param[0] if self.n else NULL
         self.grad = &grad[0] if self.n else NULL
-        for i in range(FO_MAX_BUFFERS):
-            self.bufs[i] = NULL
+        _no_state(&self.st)
+        self.st.signed_mask = signed_mask
+        self.st.index_base = index_base
+        if segments is None:
+            segments = [(i, r[0], r[1], FO_FMT_F32, r[0]) for i, r in enumerate(ranges)]
+        segments = list(segments)
+        self.nsegs = len(segments)
         self.groups = <fo_group *>calloc(max(self.ngroups, 1), sizeof(fo_group))
+        self.segs = <fo_group *>calloc(max(self.nsegs, 1), sizeof(fo_group))
+        self.seg_group = <Py_ssize_t *>calloc(max(self.nsegs, 1), sizeof(Py_ssize_t))
         self.needs = <unsigned *>calloc(max(self.ngroups, 1), sizeof(unsigned))
         self.ready = <bint *>calloc(max(self.ngroups, 1), sizeof(bint))
-        if self.groups == NULL or self.needs == NULL or self.ready == NULL:
+        if self.groups == NULL or self.segs == NULL or self.seg_group == NULL or \
+                self.needs == NULL or self.ready == NULL:
             raise MemoryError()
         raw = records.view("u1").reshape(-1) if self.ngroups else None
         for i in range(self.ngroups):
@@ -461,34 +524,128 @@ cdef class Stepper:
                 raise ValueError(f"group range {i} ({start}, {stop}) is out of order or "
                                  f"outside the arena of {self.n}")
             prev = stop
-            self.groups[i].start = start
-            self.groups[i].stop = stop
-            self.groups[i].hparams = &raw[i * self.fam.hparams_size]
+            self.groups[i] = _f32_group(start, stop, 0, &raw[i * self.fam.hparams_size])
+        # the segments cut each group's range in order, and the state ranges of one storage
+        # are disjoint
+        pos = [self.groups[i].start for i in range(self.ngroups)]
+        cdef Py_ssize_t last = 0
+        spans = {0: [], 1: [], 2: []}
+        for j in range(self.nsegs):
+            gi, start, stop, fmt, st0 = segments[j]
+            if not last <= gi < self.ngroups:
+                raise ValueError(f"segment {j}: group {gi} is out of order or not a group")
+            last = gi
+            if fmt not in (FO_FMT_F32, FO_FMT_BF16, FO_FMT_BF16_SR, FO_FMT_INT8):
+                raise ValueError(f"segment {j}: unknown state format {fmt}")
+            if start != pos[gi] or stop < start or stop > self.groups[gi].stop or st0 < 0:
+                raise ValueError(f"segment {j} ({gi}, {start}, {stop}) does not continue "
+                                 f"group {gi}'s range in order")
+            if fmt == FO_FMT_INT8 and ((stop - start) % FO_QBLOCK or st0 % FO_QBLOCK):
+                raise ValueError(f"segment {j}: an int8 segment spans whole blocks of "
+                                 f"{FO_QBLOCK} and its state starts on one")
+            pos[gi] = stop
+            self.segs[j] = self.groups[gi]
+            self.segs[j].start, self.segs[j].stop = start, stop
+            self.segs[j].state_start = st0
+            self.segs[j].format = fmt
+            self.seg_group[j] = gi
+            if stop > start:
+                spans[_kind(fmt)].append((st0, st0 + stop - start))
+        for i in range(self.ngroups):
+            if pos[i] != self.groups[i].stop:
+                raise ValueError(f"the segments do not cover group {i}'s range")
+        for kind in range(3):
+            top = 0
+            for a0, a1 in sorted(spans[kind]):
+                if a0 < top:
+                    raise ValueError("two segments share state elements")
+                top = a1
+            self.need_len[kind] = top
 
     def __dealloc__(self):
         free(self.groups)
+        free(self.segs)
+        free(self.seg_group)
         free(self.needs)
         free(self.ready)
 
-    def set_buffer(self, str name, float[::1] arena not None):
-        """Add the state arena `name` (same length as the params, overlapping nothing)."""
+    def state_lengths(self):
+        """The elements each storage's arenas must have: (float32, bfloat16, int8)."""
+        return tuple(self.need_len[k] for k in range(3))
+
+    def set_buffer(self, str name, arena not None, int format=FO_FMT_F32, absmax=None):
+        """Add the state arena `name` in `format`'s storage (float32 elements; uint16 for
+        bfloat16; uint8 codes and `absmax`, float32 one per block, for int8), of the length
+        its segments need, overlapping nothing."""
         cdef size_t k, slot = self.fam.nbuffers
+        cdef int kind = _kind(format)
+        cdef float[::1] f
+        cdef uint16_t[::1] h
+        cdef uint8_t[::1] c
+        cdef float[::1] am
+        cdef Py_ssize_t length, want = self.need_len[kind]
+        cdef uintptr_t p = 0, pa = 0
         self._idle("set_buffer")
         for k in range(self.fam.nbuffers):
             if self.fam.buffers[k].decode() == name:
                 slot = k
         if slot == self.fam.nbuffers:
             raise ValueError(f"{self.fam.name.decode()} has no state buffer {name!r}")
-        if arena.shape[0] != self.n:
-            raise ValueError(f"{name} has length {arena.shape[0]}, the arena {self.n}")
-        others = [("param", <uintptr_t>self.param), ("grad", <uintptr_t>self.grad)]
+        if format not in (FO_FMT_F32, FO_FMT_BF16, FO_FMT_BF16_SR, FO_FMT_INT8):
+            raise ValueError(f"unknown state format {format}")
+        if kind == 0:
+            f = arena
+            length, p = f.shape[0], (<uintptr_t>&f[0] if f.shape[0] else 0)
+        elif kind == 1:
+            h = arena
+            length, p = h.shape[0], (<uintptr_t>&h[0] if h.shape[0] else 0)
+        else:
+            c = arena
+            if absmax is None:
+                raise ValueError(f"{name}: an int8 arena needs its absmax")
+            am = absmax
+            length, p = c.shape[0], (<uintptr_t>&c[0] if c.shape[0] else 0)
+            if am.shape[0] * FO_QBLOCK != length:
+                raise ValueError(f"{name}: {am.shape[0]} absmax for {length} codes")
+            pa = <uintptr_t>&am[0] if am.shape[0] else 0
+        if length != want:
+            raise ValueError(f"{name} has length {length}, its segments need {want}")
+        itemsize = (4, 2, 1)[kind]
+        names = [name, name + ".absmax", "param", "grad"]
+        ptrs = [p, pa, <uintptr_t>self.param, <uintptr_t>self.grad]
+        sizes = [want * itemsize, (want // FO_QBLOCK) * sizeof(float),
+                 self.n * sizeof(float), self.n * sizeof(float)]
         for k in range(self.fam.nbuffers):
-            if k != slot and self.bufs[k] != NULL:
-                others.append((self.fam.buffers[k].decode(), <uintptr_t>self.bufs[k]))
-        _check_disjoint([name] + [o for o, _ in others], [_addr(arena)] + [p for _, p in others],
-                        [self.n * sizeof(float)] * (1 + len(others)))
-        self.arrays[name] = arena.base
-        self.bufs[slot] = &arena[0] if self.n else NULL
+            other = self.fam.buffers[k].decode()
+            for kk, ptr, size in ((0, <uintptr_t>self.st.f32[k], self.need_len[0] * 4),
+                                  (1, <uintptr_t>self.st.bf16[k], self.need_len[1] * 2),
+                                  (2, <uintptr_t>self.st.codes[k], self.need_len[2]),
+                                  (3, <uintptr_t>self.st.absmax[k],
+                                   (self.need_len[2] // FO_QBLOCK) * 4)):
+                if ptr and not (k == slot and (kk == kind or (kind == 2 and kk == 3))):
+                    names.append(other)
+                    ptrs.append(ptr)
+                    sizes.append(size)
+        _check_disjoint(names, ptrs, sizes)
+        self.arrays[(name, kind)] = (arena, absmax)
+        if kind == 0:
+            self.st.f32[slot] = <float *>p
+        elif kind == 1:
+            self.st.bf16[slot] = <uint16_t *>p
+        else:
+            self.st.codes[slot] = <uint8_t *>p
+            self.st.absmax[slot] = <float *>pa
+
+    def set_seed(self, Py_ssize_t i, uint64_t seed):
+        """Group i's seed for stochastic rounding."""
+        cdef Py_ssize_t j
+        self._idle("set_seed")
+        if i < 0 or i >= self.ngroups:
+            raise IndexError(f"group {i} of {self.ngroups}")
+        self.groups[i].seed = seed
+        for j in range(self.nsegs):
+            if self.seg_group[j] == i:
+                self.segs[j].seed = seed
 
     def set_fields(self, Py_ssize_t i, fields):
         """Write group i's hyperparameters by name (validated by the caller); the first call
@@ -520,32 +677,45 @@ cdef class Stepper:
             Py_ssize_t lo=0, hi=None):
         """One step of every group; group i takes step steps[i] + 1.  With lo, hi: only the
         elements [lo, hi) of the arena (each group's range clipped to it; a bucket of a
-        pipelined step: the groups' step counts advance once, after the last range)."""
-        cdef Py_ssize_t i
+        pipelined step: the groups' step counts advance once, after the last range).  A range
+        may not cut an int8 segment's blocks."""
+        cdef Py_ssize_t i, j, gi
         cdef size_t k
         cdef fo_exec ex = _exec()
         cdef fo_grad_opts opts = _grad_opts(grad_multiplier, zero_grad)
         cdef int64_t taken
         cdef size_t bad
-        cdef unsigned present = 0
+        cdef unsigned present[3]
+        cdef unsigned miss
         self._idle("run")
         if len(steps) != self.ngroups:
             raise ValueError(f"{len(steps)} step counts for {self.ngroups} groups")
+        for j in range(3):
+            present[j] = 0
         for k in range(self.fam.nbuffers):
-            if self.bufs[k] != NULL or self.n == 0:
-                present |= 1u << k
+            if self.st.f32[k] != NULL or self.need_len[0] == 0:
+                present[0] |= 1u << k
+            if self.st.bf16[k] != NULL or self.need_len[1] == 0:
+                present[1] |= 1u << k
+            if self.st.codes[k] != NULL or self.need_len[2] == 0:
+                present[2] |= 1u << k
         for i in range(self.ngroups):           # check everything before changing anything
             if not self.ready[i]:
                 raise RuntimeError(f"group {i} has no hyperparameters set")
-            if self.needs[i] & ~present:
-                missing = [self.fam.buffers[k].decode() for k in range(self.fam.nbuffers)
-                           if self.needs[i] & ~present >> k & 1]
-                raise ValueError(f"{missing} required by group {i}'s hyperparameters")
             taken = steps[i]
             if taken < 0 or taken >= MAX_STEP:
                 raise ValueError(f"group {i} has taken {taken} steps: the count must stay "
                                  f"below 2**63 - 1")
             self.groups[i].step = taken + 1
+        for j in range(self.nsegs):
+            gi = self.seg_group[j]
+            if self.segs[j].stop == self.segs[j].start:
+                continue
+            miss = self.needs[gi] & ~present[_kind(self.segs[j].format)]
+            if miss:
+                missing = [self.fam.buffers[k].decode() for k in range(self.fam.nbuffers)
+                           if miss >> k & 1]
+                raise ValueError(f"{missing} required by group {gi}'s hyperparameters")
         bad = fo_check(self.fam, &opts, self.groups, self.ngroups)
         if bad:
             j = int(bad) - 1
@@ -555,26 +725,35 @@ cdef class Stepper:
         cdef Py_ssize_t top = self.n if hi is None else hi
         if lo < 0 or top < lo or top > self.n:
             raise ValueError(f"range [{lo}, {top}) outside the arena of {self.n}")
+        cdef Py_ssize_t s0, s1, c0, c1
+        for j in range(self.nsegs):
+            s0, s1 = self.segs[j].start, self.segs[j].stop
+            c0, c1 = min(max(s0, lo), top), min(max(s1, lo), top)
+            if self.segs[j].format == FO_FMT_INT8 and c0 < c1 and \
+                    ((c0 - s0) % FO_QBLOCK or (c1 - s0) % FO_QBLOCK):
+                raise ValueError(f"range [{lo}, {top}) cuts an int8 block of group "
+                                 f"{self.seg_group[j]} (blocks of {FO_QBLOCK} elements from "
+                                 f"{s0})")
         if self.n == 0 or lo == top:
             return
-        cdef fo_group *groups = self.groups
-        if lo != 0 or top != self.n:
-            groups = <fo_group *>malloc(self.ngroups * sizeof(fo_group))
-            if groups == NULL:
-                raise MemoryError()
-            for i in range(self.ngroups):
-                groups[i] = self.groups[i]
-                groups[i].start = min(max(<Py_ssize_t>groups[i].start, lo), top)
-                groups[i].stop = min(max(<Py_ssize_t>groups[i].stop, lo), top)
+        cdef fo_group *segs = <fo_group *>malloc(max(self.nsegs, 1) * sizeof(fo_group))
+        if segs == NULL:
+            raise MemoryError()
+        for j in range(self.nsegs):
+            segs[j] = self.segs[j]
+            segs[j].step = self.groups[self.seg_group[j]].step
+            s0 = segs[j].start
+            segs[j].start = min(max(<Py_ssize_t>segs[j].start, lo), top)
+            segs[j].stop = min(max(<Py_ssize_t>segs[j].stop, lo), top)
+            segs[j].state_start += segs[j].start - s0
         self.running = True
         try:
             with nogil:
-                fo_step(self.fam, &ex, self.param, self.grad, self.bufs, &opts, groups,
-                        self.ngroups)
+                fo_step(self.fam, &ex, self.param, self.grad, &self.st, &opts, segs,
+                        self.nsegs)
         finally:
             self.running = False
-            if groups != self.groups:
-                free(groups)
+            free(segs)
 
     cdef _idle(self, str what):
         if self.running:

@@ -1,0 +1,236 @@
+/*
+ * Compressed optimizer state, written once for every family: a group whose state is bfloat16
+ * or int8 is stepped tile by tile (FO_QBLOCK = 256 elements, one int8 block): each state
+ * buffer the group uses is widened into a float32 tile on the stack (L1), the family's own
+ * loop runs on the tiles exactly as on float32 arenas, and the tiles are rounded back, before
+ * the next tile is read: one pass over memory.  The rules (fastopt/_formats.py has them in
+ * words and as NumPy twins, which the tests hold these to bit for bit):
+ *
+ * bfloat16  widen: bits << 16.  Nearest: (u + 0x7fff + (u >> 16 & 1)) >> 16.  Stochastic:
+ *           (u + r) >> 16 with r the high 16 bits of mix32(key ^ low 32 bits of the element's
+ *           arena index), key = a chain of mix32 over (seed, step, buffer, high index bits).
+ *           A NaN becomes (u >> 16) | 0x40 (quiet, its sign kept).
+ * int8      absmax = max |x| over the block.  Finite and > 0: code = the map entry nearest to
+ *           n = x / absmax (IEEE division), an exact tie going to the smaller magnitude; found
+ *           from the cell of |n|'s top 16 bits (the count of thresholds below the cell and the
+ *           one threshold inside it, if any: one integer compare).  absmax 0: every code is
+ *           0.0's.  A NaN or infinity in the block: absmax NaN (or +inf) and every code 0.0's,
+ *           so the block reads back as NaN.  Widen: map[code] * absmax.
+ *
+ * Integer operations, one IEEE division and one multiply: the same bits on every ISA path.
+ */
+#include <float.h>
+
+#include "internal.h"
+
+#define ZERO_CODE_SIGNED 127u
+
+FO_INLINE uint32_t fo_bits(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+FO_INLINE float fo_float(uint32_t u)
+{
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* lowbias32, Chris Wellons' 32-bit integer hash */
+FO_INLINE uint32_t fo_mix32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+static uint32_t stream_key(uint64_t seed, int64_t step, unsigned buffer, uint32_t index_hi)
+{
+    const uint64_t s = (uint64_t)step;
+    const uint32_t words[6] = {(uint32_t)seed, (uint32_t)(seed >> 32), (uint32_t)s,
+                               (uint32_t)(s >> 32), buffer, index_hi};
+    uint32_t h = 0;
+    for (int i = 0; i < 6; i++)
+        h = fo_mix32(h ^ words[i]);
+    return h;
+}
+
+FO_INLINE void bf16_widen(const uint16_t *restrict src, float *restrict dst, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] = fo_float((uint32_t)src[i] << 16);
+}
+
+FO_INLINE uint16_t bf16_nan_or(uint32_t u, uint32_t rounded)
+{
+    const int nan = (u & 0x7fffffffU) > 0x7f800000U;
+    return (uint16_t)(nan ? (u >> 16) | 0x40U : rounded >> 16);
+}
+
+FO_INLINE void bf16_nearest(const float *restrict src, uint16_t *restrict dst, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint32_t u = fo_bits(src[i]);
+        dst[i] = bf16_nan_or(u, u + 0x7fffU + (u >> 16 & 1U));
+    }
+}
+
+FO_INLINE void bf16_stochastic(const float *restrict src, uint16_t *restrict dst, size_t n,
+                               uint32_t key, uint32_t index_lo)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint32_t u = fo_bits(src[i]);
+        const uint32_t r = fo_mix32(key ^ (index_lo + (uint32_t)i)) >> 16;
+        dst[i] = bf16_nan_or(u, u + r);
+    }
+}
+
+FO_INLINE void int8_widen(const uint8_t *restrict codes, float absmax,
+                          const float *restrict map, float *restrict dst)
+{
+    for (size_t i = 0; i < FO_QBLOCK; i++)
+        dst[i] = map[codes[i]] * absmax;
+}
+
+/* -> absmax; the codes of a block of FO_QBLOCK values */
+FO_INLINE float int8_round(const float *restrict x, uint8_t *restrict codes, int is_signed,
+                           const uint32_t *restrict cells)
+{
+    /* max |x| as bits: for non-negative floats the integer order is the float order, and
+     * every NaN and infinity lies above FLT_MAX's pattern (an integer max vectorizes; a float
+     * max reduction does not without -ffast-math) */
+    uint32_t top = 0;
+    for (size_t i = 0; i < FO_QBLOCK; i++) {
+        const uint32_t a = fo_bits(x[i]) & 0x7fffffffU;
+        top = a > top ? a : top;
+    }
+    const uint8_t zero = is_signed ? ZERO_CODE_SIGNED : 0;
+    if (top == 0 || top > 0x7f7fffffU) {
+        memset(codes, zero, FO_QBLOCK);
+        return top > 0x7f800000U ? NAN : fo_float(top);    /* NaN, +inf or 0 */
+    }
+    const float mx = fo_float(top);
+    for (size_t i = 0; i < FO_QBLOCK; i++) {
+        const float q = x[i] / mx;
+        const uint32_t u = fo_bits(q);
+        const uint32_t mag = u & 0x7fffffffU;
+        int32_t cell = (int32_t)(mag >> 16) - FO_CELL_BASE;
+        cell = cell < 0 ? 0 : cell;
+        cell = cell > FO_NCELLS - 1 ? FO_NCELLS - 1 : cell;
+        const uint32_t e = cells[cell];
+        const uint32_t low = mag & 0xffffU, t = e & 0x1ffffU;
+        const uint32_t neg = u >> 31;
+        /* ties: a positive n at a threshold stays below it, a negative one goes above */
+        const uint32_t above = neg ? (low >= t) : (low > t);
+        uint32_t m = (e >> 17) + above;
+        uint32_t code;
+        if (is_signed) {
+            const uint32_t mneg = m > ZERO_CODE_SIGNED ? ZERO_CODE_SIGNED : m;
+            code = neg ? ZERO_CODE_SIGNED - mneg : ZERO_CODE_SIGNED + m;
+        } else {
+            code = neg ? 0 : m;              /* a negative (or -0) n: the code of 0 */
+        }
+        codes[i] = (uint8_t)code;
+    }
+    return mx;
+}
+
+/* The tile loop at one ISA: the codecs above inline into it. */
+FO_INLINE void tiles_body(const fo_call *c, const fo_group *g, size_t lo, size_t hi,
+                          unsigned used, fo_body_fn body, const void *scalars, unsigned modes)
+{
+    const fo_state *st = c->state;
+    float tile[FO_MAX_BUFFERS][FO_QBLOCK];
+    size_t j = g->state_start + (lo - g->start);       /* the state element of `lo` */
+    const uint64_t index0 = st->index_base + lo;
+    uint32_t keys[FO_MAX_BUFFERS] = {0, 0, 0};
+    uint32_t key_hi = 0;
+    int have_keys = 0;
+    for (size_t t = lo; t < hi; t += FO_QBLOCK, j += FO_QBLOCK) {
+        const size_t n = hi - t < FO_QBLOCK ? hi - t : FO_QBLOCK;
+        float *b[FO_MAX_BUFFERS] = {NULL, NULL, NULL};
+        for (unsigned k = 0; k < FO_MAX_BUFFERS; k++) {
+            if (!(used >> k & 1u))
+                continue;
+            b[k] = tile[k];
+            if (g->format == FO_FMT_INT8)
+                int8_widen(st->codes[k] + j, st->absmax[k][j / FO_QBLOCK],
+                           st->maps + 256 * (st->signed_mask >> k & 1u), tile[k]);
+            else
+                bf16_widen(st->bf16[k] + j, tile[k], n);
+        }
+        body(c->param + t, c->grad + t, b[0], b[1], b[2], n, scalars, modes);
+        for (unsigned k = 0; k < FO_MAX_BUFFERS; k++) {
+            if (!(used >> k & 1u))
+                continue;
+            if (g->format == FO_FMT_INT8) {
+                const unsigned sg = st->signed_mask >> k & 1u;
+                st->absmax[k][j / FO_QBLOCK] =
+                    int8_round(tile[k], st->codes[k] + j, (int)sg, st->cells + FO_NCELLS * sg);
+            } else if (g->format == FO_FMT_BF16) {
+                bf16_nearest(tile[k], st->bf16[k] + j, n);
+            } else {
+                /* the random stream of an element is fixed by its arena index: a tile that
+                 * crosses a multiple of 2^32 takes two keys */
+                const uint64_t first = index0 + (t - lo);
+                size_t done = 0;
+                while (done < n) {
+                    const uint64_t at = first + done;
+                    const uint32_t hi32 = (uint32_t)(at >> 32), lo32 = (uint32_t)at;
+                    if (!have_keys || hi32 != key_hi) {
+                        for (unsigned q = 0; q < FO_MAX_BUFFERS; q++)
+                            keys[q] = stream_key(g->seed, g->step, q, hi32);
+                        key_hi = hi32;
+                        have_keys = 1;
+                    }
+                    const uint64_t room = ((uint64_t)1 << 32) - lo32;
+                    const size_t part = (uint64_t)(n - done) < room ? n - done : (size_t)room;
+                    bf16_stochastic(tile[k] + done, st->bf16[k] + j + done, part, keys[k],
+                                    lo32);
+                    done += part;
+                }
+            }
+        }
+    }
+}
+
+static void tiles_baseline(const fo_call *c, const fo_group *g, size_t lo, size_t hi,
+                           unsigned used, fo_body_fn body, const void *s, unsigned modes)
+{
+    tiles_body(c, g, lo, hi, used, body, s, modes);
+}
+
+#if FO_HAVE_X86_64
+FO_TARGET_X86_64_V3 static void tiles_x86_64_v3(const fo_call *c, const fo_group *g, size_t lo,
+                                                size_t hi, unsigned used, fo_body_fn body,
+                                                const void *s, unsigned modes)
+{
+    tiles_body(c, g, lo, hi, used, body, s, modes);
+}
+
+FO_TARGET_X86_64_V4 static void tiles_x86_64_v4(const fo_call *c, const fo_group *g, size_t lo,
+                                                size_t hi, unsigned used, fo_body_fn body,
+                                                const void *s, unsigned modes)
+{
+    tiles_body(c, g, lo, hi, used, body, s, modes);
+}
+#endif
+
+void fo_tiles(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigned used,
+              fo_body_fn body, const void *scalars, unsigned modes)
+{
+#if FO_HAVE_X86_64
+    switch (c->isa) {
+    case FO_ISA_X86_64_V4: tiles_x86_64_v4(c, g, lo, hi, used, body, scalars, modes); return;
+    case FO_ISA_X86_64_V3: tiles_x86_64_v3(c, g, lo, hi, used, body, scalars, modes); return;
+    default: break;
+    }
+#endif
+    tiles_baseline(c, g, lo, hi, used, body, scalars, modes);
+}
