@@ -98,46 +98,66 @@ FO_INLINE void int8_widen(const uint8_t *restrict codes, float absmax,
         dst[i] = map[codes[i]] * absmax;
 }
 
-/* -> absmax; the codes of a block of FO_QBLOCK values */
-FO_INLINE float int8_round(const float *restrict x, uint8_t *restrict codes, int is_signed,
-                           const uint32_t *restrict cells)
+/* max |x| over a block as bits: for non-negative floats the integer order is the float order,
+ * and every NaN and infinity lies above FLT_MAX's pattern (an integer max vectorizes; a float
+ * max reduction does not without -ffast-math) */
+FO_INLINE uint32_t int8_top(const float *restrict x)
 {
-    /* max |x| as bits: for non-negative floats the integer order is the float order, and
-     * every NaN and infinity lies above FLT_MAX's pattern (an integer max vectorizes; a float
-     * max reduction does not without -ffast-math) */
     uint32_t top = 0;
     for (size_t i = 0; i < FO_QBLOCK; i++) {
         const uint32_t a = fo_bits(x[i]) & 0x7fffffffU;
         top = a > top ? a : top;
     }
-    const uint8_t zero = is_signed ? ZERO_CODE_SIGNED : 0;
-    if (top == 0 || top > 0x7f7fffffU) {
-        memset(codes, zero, FO_QBLOCK);
-        return top > 0x7f800000U ? NAN : fo_float(top);    /* NaN, +inf or 0 */
+    return top;
+}
+
+/* -> 1 for a block whose absmax is 0, infinite or NaN: every code is then 0.0's and *absmax
+ * what the block stores (0, +inf or NaN); 0 for any other block (nothing written) */
+FO_INLINE int int8_special(uint32_t top, uint8_t *restrict codes, int is_signed, float *absmax)
+{
+    if (top != 0 && top <= 0x7f7fffffU)
+        return 0;
+    memset(codes, is_signed ? ZERO_CODE_SIGNED : 0, FO_QBLOCK);
+    *absmax = top > 0x7f800000U ? NAN : fo_float(top);    /* NaN, +inf or 0 */
+    return 1;
+}
+
+/* The code of n = x / absmax (its bits u, |n| <= 1), by the cell of |n|'s top 16 bits: the count
+ * of thresholds below the cell, plus one when |n| lies above the threshold inside it.  The
+ * compare is strict for either sign: a magnitude on a threshold stays below it, which is the
+ * smaller magnitude for a negative n as for a positive one (the signed map and its thresholds
+ * are symmetric about 0). */
+FO_INLINE uint8_t int8_code(uint32_t u, int is_signed, const uint32_t *restrict cells)
+{
+    const uint32_t mag = u & 0x7fffffffU;
+    int32_t cell = (int32_t)(mag >> 16) - FO_CELL_BASE;
+    cell = cell < 0 ? 0 : cell;
+    cell = cell > FO_NCELLS - 1 ? FO_NCELLS - 1 : cell;
+    const uint32_t e = cells[cell];
+    const uint32_t m = (e >> 17) + ((mag & 0xffffU) > (e & 0x1ffffU));
+    const uint32_t neg = u >> 31;
+    uint32_t code;
+    if (is_signed) {
+        /* 128 positive thresholds, 127 negative ones: -1's side ends at the map's last entry */
+        const uint32_t mneg = m > ZERO_CODE_SIGNED ? ZERO_CODE_SIGNED : m;
+        code = neg ? ZERO_CODE_SIGNED - mneg : ZERO_CODE_SIGNED + m;
+    } else {
+        code = neg ? 0 : m;              /* a negative (or -0) n: the code of 0 */
     }
+    return (uint8_t)code;
+}
+
+/* -> absmax; the codes of a block of FO_QBLOCK values */
+FO_INLINE float int8_round(const float *restrict x, uint8_t *restrict codes, int is_signed,
+                           const uint32_t *restrict cells)
+{
+    const uint32_t top = int8_top(x);
+    float absmax;
+    if (int8_special(top, codes, is_signed, &absmax))
+        return absmax;
     const float mx = fo_float(top);
-    for (size_t i = 0; i < FO_QBLOCK; i++) {
-        const float q = x[i] / mx;
-        const uint32_t u = fo_bits(q);
-        const uint32_t mag = u & 0x7fffffffU;
-        int32_t cell = (int32_t)(mag >> 16) - FO_CELL_BASE;
-        cell = cell < 0 ? 0 : cell;
-        cell = cell > FO_NCELLS - 1 ? FO_NCELLS - 1 : cell;
-        const uint32_t e = cells[cell];
-        const uint32_t low = mag & 0xffffU, t = e & 0x1ffffU;
-        const uint32_t neg = u >> 31;
-        /* ties: a positive n at a threshold stays below it, a negative one goes above */
-        const uint32_t above = neg ? (low >= t) : (low > t);
-        uint32_t m = (e >> 17) + above;
-        uint32_t code;
-        if (is_signed) {
-            const uint32_t mneg = m > ZERO_CODE_SIGNED ? ZERO_CODE_SIGNED : m;
-            code = neg ? ZERO_CODE_SIGNED - mneg : ZERO_CODE_SIGNED + m;
-        } else {
-            code = neg ? 0 : m;              /* a negative (or -0) n: the code of 0 */
-        }
-        codes[i] = (uint8_t)code;
-    }
+    for (size_t i = 0; i < FO_QBLOCK; i++)
+        codes[i] = int8_code(fo_bits(x[i] / mx), is_signed, cells);
     return mx;
 }
 
