@@ -67,28 +67,41 @@ FO_INLINE void bf16_widen(const uint16_t *restrict src, float *restrict dst, siz
         dst[i] = fo_float((uint32_t)src[i] << 16);
 }
 
-FO_INLINE uint16_t bf16_nan_or(uint32_t u, uint32_t rounded)
+/* u + inc, truncated to its high half; a NaN instead keeps its high half with the quiet bit
+ * set ((u | 0x400000) >> 16 == (u >> 16) | 0x40) */
+FO_INLINE uint16_t bf16_round(uint32_t u, uint32_t inc)
 {
     const int nan = (u & 0x7fffffffU) > 0x7f800000U;
-    return (uint16_t)(nan ? (u >> 16) | 0x40U : rounded >> 16);
+    return (uint16_t)((nan ? u | 0x400000U : u + inc) >> 16);
 }
 
 FO_INLINE void bf16_nearest(const float *restrict src, uint16_t *restrict dst, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         const uint32_t u = fo_bits(src[i]);
-        dst[i] = bf16_nan_or(u, u + 0x7fffU + (u >> 16 & 1U));
+        dst[i] = bf16_round(u, 0x7fffU + (u >> 16 & 1U));
     }
+}
+
+/* fo_mix32(x) >> 16: its last step (x ^= x >> 16) leaves the high 16 bits as they are, so it
+ * is skipped here (two vector operations of nine) */
+FO_INLINE uint32_t fo_mix32_high16(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    return x >> 16;
 }
 
 FO_INLINE void bf16_stochastic(const float *restrict src, uint16_t *restrict dst, size_t n,
                                uint32_t key, uint32_t index_lo)
 {
-    for (size_t i = 0; i < n; i++) {
-        const uint32_t u = fo_bits(src[i]);
-        const uint32_t r = fo_mix32(key ^ (index_lo + (uint32_t)i)) >> 16;
-        dst[i] = bf16_nan_or(u, u + r);
-    }
+    /* the index as a 32-bit counter (it wraps as index_lo + i does): a size_t one made GCC
+     * compute it in 64-bit lanes and shuffle it down */
+    uint32_t index = index_lo;
+    for (size_t i = 0; i < n; i++, index++)
+        dst[i] = bf16_round(fo_bits(src[i]), fo_mix32_high16(key ^ index));
 }
 
 FO_INLINE void int8_widen(const uint8_t *restrict codes, float absmax,
@@ -238,6 +251,76 @@ FO_V3_INLINE float int8_round_v3_(const float *restrict x, uint8_t *restrict cod
     return mx;
 }
 
+/* The bfloat16 rounding with AVX2.  GCC vectorizes the loops above, but narrows the NaN test
+ * and both candidates to 16 bits before choosing (three pack-and-permute sequences for one),
+ * and computes the stochastic index in 64-bit lanes; here the choice is made on 32-bit lanes,
+ * the NaN test is one unordered compare, and one pack and one permute narrow 16 results.
+ * The same integer operations as bf16_round, so the same bits; the scalar code on the tail. */
+FO_V3_INLINE __m256i bf16_round_v3(__m256 x, __m256i inc)
+{
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    const __m256i r = _mm256_blendv_epi8(_mm256_add_epi32(u, inc),
+                                         _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_srli_epi32(r, 16);
+}
+
+/* 16 results (0..0xffff in 32-bit lanes) stored as 16-bit words, in order */
+FO_V3_INLINE void bf16_store16_v3(uint16_t *dst, __m256i lo, __m256i hi)
+{
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
+    _mm256_storeu_si256((__m256i *)dst, w);
+}
+
+FO_V3_INLINE __m256i bf16_nearest_inc_v3(__m256 x)
+{
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+}
+
+FO_TARGET_X86_64_V3 static void bf16_nearest_v3(const float *restrict src,
+                                                uint16_t *restrict dst, size_t n)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 a = _mm256_loadu_ps(src + i), b = _mm256_loadu_ps(src + i + 8);
+        bf16_store16_v3(dst + i, bf16_round_v3(a, bf16_nearest_inc_v3(a)),
+                        bf16_round_v3(b, bf16_nearest_inc_v3(b)));
+    }
+    bf16_nearest(src + i, dst + i, n - i);
+}
+
+FO_V3_INLINE __m256i mix32_high16_v3(__m256i x)
+{
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x7feb352dU));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
+    return _mm256_srli_epi32(x, 16);
+}
+
+FO_TARGET_X86_64_V3 static void bf16_stochastic_v3(const float *restrict src,
+                                                   uint16_t *restrict dst, size_t n,
+                                                   uint32_t key, uint32_t index_lo)
+{
+    const __m256i k = _mm256_set1_epi32((int)key);
+    /* the lanes' indices, wrapping modulo 2^32 as the scalar code's do */
+    __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int)index_lo),
+                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i eight = _mm256_set1_epi32(8);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i ra = mix32_high16_v3(_mm256_xor_si256(k, index));
+        index = _mm256_add_epi32(index, eight);
+        const __m256i rb = mix32_high16_v3(_mm256_xor_si256(k, index));
+        index = _mm256_add_epi32(index, eight);
+        bf16_store16_v3(dst + i, bf16_round_v3(_mm256_loadu_ps(src + i), ra),
+                        bf16_round_v3(_mm256_loadu_ps(src + i + 8), rb));
+    }
+    bf16_stochastic(src + i, dst + i, n - i, key, index_lo + (uint32_t)i);
+}
+
 /* the signedness a constant in each loop (GCC did not unswitch it) */
 FO_TARGET_X86_64_V3 static float int8_round_v3(const float *restrict x, uint8_t *restrict codes,
                                                int is_signed, const uint32_t *restrict cells)
@@ -295,7 +378,12 @@ FO_INLINE void tiles_body(const fo_call *c, const fo_group *g, size_t lo, size_t
 #endif
                     *absmax = int8_round(tile[k], codes, (int)sg, cells);
             } else if (g->format == FO_FMT_BF16) {
-                bf16_nearest(tile[k], st->bf16[k] + j, n);
+#if FO_HAVE_X86_64
+                if (avx2)
+                    bf16_nearest_v3(tile[k], st->bf16[k] + j, n);
+                else
+#endif
+                    bf16_nearest(tile[k], st->bf16[k] + j, n);
             } else {
                 /* the random stream of an element is fixed by its arena index: a tile that
                  * crosses a multiple of 2^32 takes two keys */
@@ -312,8 +400,14 @@ FO_INLINE void tiles_body(const fo_call *c, const fo_group *g, size_t lo, size_t
                     }
                     const uint64_t room = ((uint64_t)1 << 32) - lo32;
                     const size_t part = (uint64_t)(n - done) < room ? n - done : (size_t)room;
-                    bf16_stochastic(tile[k] + done, st->bf16[k] + j + done, part, keys[k],
-                                    lo32);
+#if FO_HAVE_X86_64
+                    if (avx2)
+                        bf16_stochastic_v3(tile[k] + done, st->bf16[k] + j + done, part,
+                                           keys[k], lo32);
+                    else
+#endif
+                        bf16_stochastic(tile[k] + done, st->bf16[k] + j + done, part,
+                                        keys[k], lo32);
                     done += part;
                 }
             }
