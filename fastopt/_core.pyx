@@ -647,6 +647,16 @@ cdef class Stepper:
             if self.seg_group[j] == i:
                 self.segs[j].seed = seed
 
+    def set_rounding(self, Py_ssize_t i, bint stochastic):
+        """Group i's bfloat16 segments round stochastically (True) or to nearest (False)."""
+        cdef Py_ssize_t j
+        self._idle("set_rounding")
+        if i < 0 or i >= self.ngroups:
+            raise IndexError(f"group {i} of {self.ngroups}")
+        for j in range(self.nsegs):
+            if self.seg_group[j] == i and _kind(self.segs[j].format) == 1:
+                self.segs[j].format = FO_FMT_BF16_SR if stochastic else FO_FMT_BF16
+
     def set_fields(self, Py_ssize_t i, fields):
         """Write group i's hyperparameters by name (validated by the caller); the first call
         for a group must give every field."""

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fastopt import _validate as V
+from fastopt._formats import STATE_DEFAULTS, check_option
 
 # ---- hyperparameter checks: each takes (name, value) and returns the value normalized ----
 
@@ -63,11 +64,13 @@ class Buffer:
     """A state buffer, parallel to the params.  `init(fields)` is its value when it starts
     (zero unless given); the family's `needs` says when it is used.  `optional`: a loaded
     state may lack it even where the hyperparameters use it; it then starts on the next step
-    (SGD's momentum buffer, as torch)."""
+    (SGD's momentum buffer, as torch).  `signed`: it takes both signs (False: never
+    negative, like a second moment), which chooses int8 state's map (signed or unsigned)."""
     name: str
     init: Optional[Callable] = None
     optional: bool = False
     when: str = ""       # the options that use it, for messages ("amsgrad=True")
+    signed: bool = True
 
     def initial(self, fields):
         return 0.0 if self.init is None else float(self.init(fields))
@@ -115,6 +118,8 @@ class Family:
                            tuple(f for f in self.fields if f.name not in self.derived))
         object.__setattr__(self, "buffer_names", tuple(b.name for b in self.buffers))
         object.__setattr__(self, "counter_defaults", dict(self.counters))
+        object.__setattr__(self, "signed_mask",
+                           sum(1 << k for k, b in enumerate(self.buffers) if b.signed))
 
     def check_fields(self, values, prefix="", names=None):
         """Check the user-given fields (a mapping by field name) -> dict of normalized values.
@@ -166,7 +171,8 @@ class OptimizerSpec:
     def group_keys(self):
         """Every key of a param group (besides 'params'), in signature order."""
         sig = [k for k in self.signature if k != "*" and k not in TORCH_ONLY]
-        return tuple(sig) + tuple(k for k in self.fixed if k not in sig)
+        return (tuple(sig) + tuple(k for k in self.fixed if k not in sig)
+                + tuple(STATE_DEFAULTS))
 
     def fields_of(self, group, prefix=""):
         """A param group's hyperparameters -> the kernel's user-given fields, checked; every
@@ -177,7 +183,11 @@ class OptimizerSpec:
         if missing:
             raise ValueError(f"{prefix.rstrip('.') or 'the group'} has no {missing[0]!r} (every "
                              f"param group holds {list(self.group_keys())})")
+        options = {}
         for key in self.group_keys():
+            if key in STATE_DEFAULTS:
+                options[key] = check_option(key, group[key], prefix + key)
+                continue
             target = self.keys.get(key, key)
             if isinstance(target, tuple):
                 pair = V.pair(group[key], prefix + key)
@@ -193,6 +203,7 @@ class OptimizerSpec:
         fields = fam.check_fields(values, prefix, names)
         for e in self.extra:
             fields[e.name] = values[e.name]
+        fields.update(options)
         return fields
 
 

@@ -246,3 +246,73 @@ def narrow(fmt, values, data, absmax, signed, seed=0, step=0, buffer=0, index0=0
         codes, am = quantize_int8(values, signed)
         data[...] = codes
         absmax[...] = am
+
+
+# ---- the group options -------------------------------------------------------------------------
+
+# A param group's state options (fastopt-only keys beside torch's hyperparameters) and their
+# defaults.  state_dtype and min_8bit_size decide the arena's layout, so they are fixed at
+# construction; state_rounding and state_seed may change between steps.
+STATE_DEFAULTS = {"state_dtype": "float32", "state_rounding": "nearest",
+                  "min_8bit_size": MIN_8BIT_SIZE, "state_seed": 0}
+LAYOUT_KEYS = ("state_dtype", "min_8bit_size")
+
+
+def check_option(name, x, label=None):
+    """A state option, checked -> its normalized value (messages name it `label`)."""
+    key, name = name, label or name
+    if key in ("state_dtype", "state_rounding"):
+        allowed = FORMATS if key == "state_dtype" else ROUNDINGS
+        if not isinstance(x, str):
+            raise TypeError(f"{name} must be a str, one of {list(allowed)}, got "
+                            f"{type(x).__name__}")
+        if x not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {x!r}")
+        return x
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = int(x)
+    top = 2 ** 64 - 1 if key == "state_seed" else 2 ** 62
+    if not 0 <= x <= top:
+        raise ValueError(f"{name} must be from 0 to {top}, got {x}")
+    return x
+
+
+# Where each format's state lives: 0 float32 arenas, 1 bfloat16 (uint16) arenas, 2 int8 codes
+# with their absmax.
+KIND = {FMT_F32: 0, FMT_BF16: 1, FMT_BF16_SR: 1, FMT_INT8: 2}
+KIND_DTYPE = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.uint8))
+ABSMAX_SUFFIX = "_absmax"
+
+
+def param_format(group, size):
+    """The format of a param of `size` elements in a group with these options: int8 groups
+    keep float32 state for tensors smaller than min_8bit_size."""
+    fmt = format_code(group["state_dtype"], group["state_rounding"])
+    if fmt == FMT_INT8 and size < group["min_8bit_size"]:
+        return FMT_F32
+    return fmt
+
+
+def format_name(fmt):
+    return ("float32", "bfloat16", "bfloat16", "int8")[fmt]
+
+
+try:                                    # NumPy's bfloat16, when ml-dtypes is installed
+    import ml_dtypes as _ml_dtypes  # type: ignore[import-not-found,unused-ignore]
+    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:                     # pragma: no cover - depends on the environment
+    BFLOAT16 = None
+
+
+def as_bf16_bits(a):
+    """A bfloat16 state array as its uint16 bit patterns (ml_dtypes.bfloat16 or uint16)."""
+    if BFLOAT16 is not None and a.dtype == BFLOAT16:
+        return a.view(np.uint16)
+    return a
+
+
+def bf16_view(bits):
+    """uint16 bit patterns as ml_dtypes.bfloat16 when ml-dtypes is installed (else as they
+    are): what `opt.state` and `state_dict()` show for bfloat16 state."""
+    return bits.view(BFLOAT16) if BFLOAT16 is not None else bits

@@ -36,9 +36,10 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, Itera
 
 import numpy as np
 
+from fastopt import _formats
 from fastopt import _state_dict
 from fastopt import _validate as V
-from fastopt._arena import Arena, aligned_zeros, parse_params
+from fastopt._arena import Arena, StateBuffer, StateLayout, parse_params
 from fastopt._family import TORCH_ONLY, check_torch_only, torch_group_keys
 from fastopt._typing import F32, Params, Views
 from fastopt.clip import clip_coefficient, norm_type_arg
@@ -117,6 +118,7 @@ class Optimizer(Generic[Views]):
         check_torch_only(options)
         defaults = {k: v for k, v in options.items() if k not in TORCH_ONLY}
         defaults.update(spec.fixed)
+        defaults.update({k: bound.get(k, v) for k, v in _formats.STATE_DEFAULTS.items()})
         torch_keys = torch_group_keys(spec)
         defaults.update(torch_keys)
         fam = self._family = spec.family
@@ -127,7 +129,8 @@ class Optimizer(Generic[Views]):
         self.defaults = defaults
         groups, names = parse_params(params, spec.group_keys())
         self.param_groups = []
-        for i, (_, extra) in enumerate(groups):
+        formats: List[int] = []  # per param: how its state is stored (fastopt._formats)
+        for i, (arrays, extra) in enumerate(groups):
             group = dict(defaults)
             group.update(extra)
             group.update(torch_keys)
@@ -135,14 +138,20 @@ class Optimizer(Generic[Views]):
                 if group[key] != value:
                     raise ValueError(f"param_groups[{i}].{key} must be {value!r} for "
                                      f"{spec.name}")
-            spec.fields_of(group, f"param_groups[{i}].")
+            checked = spec.fields_of(group, f"param_groups[{i}].")
+            formats.extend(_formats.param_format(checked, a.size) for a in arrays)
             self.param_groups.append(group)
+        # the options that fix the layout, per group (changing them later is refused)
+        self._layout_options = [{k: g[k] for k in _formats.LAYOUT_KEYS}
+                                for g in self.param_groups]
 
-        arena = self._arena = Arena([arrays for arrays, _ in groups], names)
+        arena = self._arena = Arena([arrays for arrays, _ in groups], names,
+                                    blocks=[f == _formats.FMT_INT8 for f in formats])
+        self._formats = formats
         for i, group in enumerate(self.param_groups):
             group["params"] = [arena.params[k] for k in arena.param_indices(i)]
         ngroups = len(self.param_groups)
-        self._state: Dict[str, F32] = {}                   # buffer name -> state arena
+        self._state: Dict[str, StateBuffer] = {}           # buffer name -> its arenas
         self._steps = [0] * ngroups                        # steps taken, per group
         self._counters = [dict(fam.counter_defaults) for _ in range(ngroups)]
         self._live: List[set[str]] = [set() for _ in range(ngroups)]  # buffers started, a group
@@ -156,13 +165,15 @@ class Optimizer(Generic[Views]):
         # The part of the arena this optimizer updates and keeps state for: all of it, except
         # in a sharded (ZeRO) optimizer, which holds one rank's contiguous share [lo, hi).
         self._lo, self._hi = lo, hi = self._shard_range(arena)
+        self._layout = StateLayout(arena, formats, lo, hi)
         # A group's hyperparameters are checked and sent to the stepper again only when its
         # dict changes (`_seen` is what was sent).
         self._snapshot = operator.itemgetter(*spec.group_keys())
         self._seen = [None] * ngroups
         self._stepper = self._backend.Stepper(fam.name, arena.flat_params[lo:hi],
                                               self._kernel_grads(), arena.local_ranges(lo, hi),
-                                              np.zeros(ngroups, fam.dtype))
+                                              np.zeros(ngroups, fam.dtype),
+                                              self._layout.segments, fam.signed_mask, lo)
 
     # ---- the public surface ------------------------------------------------------------
 
@@ -206,6 +217,12 @@ class Optimizer(Generic[Views]):
         return self._arena
 
     @property
+    def state_layout(self) -> StateLayout:
+        """Where each param's state lives and in which format (fastopt._arena.StateLayout),
+        over the whole arena."""
+        return self._full_layout()
+
+    @property
     def state(self) -> Dict[int, Dict[str, Any]]:
         """{param index: {'step': int, name: view of the state arena}}, like torch's state.
 
@@ -215,8 +232,24 @@ class Optimizer(Generic[Views]):
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state this process holds (a ZeRO rank: its shard's)."""
-        return sum(a.nbytes for a in self._state.values())
+        """Bytes of optimizer state this process holds (a ZeRO rank: its shard's): float32 4
+        bytes an element, bfloat16 2, int8 1 plus a float32 absmax per 256."""
+        return sum(b.nbytes for b in self._state.values())
+
+    def state_values(self) -> Dict[int, Dict[str, F32]]:
+        """`state` with every buffer as float32 values in its param's shape, whatever its
+        state_dtype (bfloat16 widened, int8 codes times their block's absmax): copies."""
+        out = {}
+        layout, arenas = self._full_state()
+        for k, entry in self._collect_state(copy=None).items():
+            vals = {}
+            for key, x in entry.items():
+                if key in self._family.buffer_names:
+                    vals[key] = _state_float32(layout, arenas[key], k, key, self._family)
+                elif not key.endswith(_formats.ABSMAX_SUFFIX):
+                    vals[key] = x
+            out[k] = vals
+        return out
 
     @property
     def step_counts(self) -> List[int]:
@@ -378,12 +411,15 @@ class Optimizer(Generic[Views]):
         buffers one at a time from `state_buffers()`)."""
         return {"state": self._collect_state(copy=None), "param_groups": self._indexed_groups()}
 
-    def state_buffers(self) -> Iterator[Tuple[str, Optional[F32]]]:
-        """Yield (name, buffer) for each state buffer: the whole arena-long buffer, live (not a
-        copy); `layout.view(buffer, k)` is param k's part.  A sharded optimizer gathers one
-        buffer at a time to the rank that writes checkpoints, yielding None on the others (a
-        collective: every rank iterates to the end)."""
-        yield from self._full_state().items()
+    def state_buffers(self) -> Iterator[Tuple[str, Optional[BufferMembers]]]:
+        """Yield (name, members) for each state buffer: members(k) is {member: array} of param
+        k's part of it, live views (not copies) in the form `state_dict()` holds them (one
+        float32 or bfloat16 array; int8: the codes and `name + '_absmax'`).  A sharded
+        optimizer gathers one buffer at a time to the rank that writes checkpoints, yielding
+        None on the others (a collective: every rank iterates to the end)."""
+        layout, arenas = self._full_state()
+        for key, buf in arenas.items():
+            yield key, BufferMembers(buf, layout, key)
 
     @_exclusive
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -398,7 +434,8 @@ class Optimizer(Generic[Views]):
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> List[Any]:
         """Check a state dict against this optimizer without loading it -> what
         `apply_state` installs (a TypeError/ValueError says what is wrong)."""
-        return _state_dict.check(self._spec, self._arena, self.param_groups, state_dict)
+        return _state_dict.check(self._spec, self._arena, self.param_groups, state_dict,
+                                 self._full_layout())
 
     def apply_state(self, groups: List[Any], steps: Optional[List[int]] = None,
                     fill: Optional[Callable[[str, int, F32, int], None]] = None) -> None:
@@ -407,27 +444,30 @@ class Optimizer(Generic[Views]):
         groups without state).  `fill(key, k, out, start)`, when given, writes the buffers in
         place of the arrays: elements [start, start + out.size) of param k's buffer `key`
         (flattened) into `out` (a checkpoint streams them from its file)."""
-        arena, lo, hi = self._arena, self._lo, self._hi
-        mine = list(self._state.values())
+        arena, layout = self._arena, self._layout
+        mine = [m for b in self._state.values() for m in b.arrays()]
         for gs in groups:           # arrays that alias the arenas (opt.state's own views, say)
             for key, arrays in gs.buffers.items():      # are copied before anything is written
-                gs.buffers[key] = [a.copy() if any(np.may_share_memory(a, m) for m in mine)
-                                   else a for a in arrays]
+                gs.buffers[key] = [{m: (a.copy() if any(np.may_share_memory(a, x) for x in mine)
+                                        else a) for m, a in members.items()}
+                                   for members in arrays]
         # every arena it needs, before anything is written: a MemoryError changes nothing
         # (a new arena is not state until a group's buffers list it)
         for key in sorted({key for gs in groups for key in gs.buffers} - set(self._state)):
             self._new_state_arena(key)
         for i, gs in enumerate(groups):
             for key, arrays in gs.buffers.items():
-                for k, a in zip(arena.param_indices(i), arrays):
-                    off = arena.offsets[k]
-                    a_lo, a_hi = max(off, lo), min(off + a.size, hi)   # the part held here
-                    if a_lo < a_hi:
-                        out = self._state[key][a_lo - lo:a_hi - lo]
-                        if fill is None:
-                            out[...] = a.reshape(-1)[a_lo - off:a_hi - off]
-                        else:
-                            fill(key, k, out, a_lo - off)
+                buf = self._state[key]
+                for k, members in zip(arena.param_indices(i), arrays):
+                    for member, a in members.items():
+                        arr, at, count, first = buf.storage(layout, k, member)
+                        if count:                               # the part held here
+                            out = arr[at:at + count]
+                            if fill is None:
+                                out[...] = _formats.as_bf16_bits(a).reshape(-1)[
+                                    first:first + count]
+                            else:
+                                fill(member, k, out, first)
             self._steps[i] = gs.step if steps is None else steps[i]
             self._counters[i] = dict(gs.counters)
             self._live[i] = set(gs.buffers)
@@ -520,6 +560,13 @@ class Optimizer(Generic[Views]):
         for i, group in enumerate(self.param_groups):
             if not _same(snapshot, group, seen[i]):
                 fields = spec.fields_of(group, f"param_groups[{i}].")
+                for key, value in self._layout_options[i].items():
+                    if fields[key] != value:
+                        raise ValueError(
+                            f"param_groups[{i}].{key} is {fields[key]!r}, but this optimizer "
+                            f"was built with {value!r}: {key} fixes the arena's layout and the "
+                            "state's format, so it cannot change after construction (build a "
+                            "new optimizer)")
                 for key, target in spec.keys.items():
                     if isinstance(target, tuple) and type(group[key]) is not tuple:
                         # a list could change in place, unseen by the snapshot: keep a copy
@@ -535,11 +582,13 @@ class Optimizer(Generic[Views]):
         for i, raw, fields in changed:
             fresh = [b for b in fam.buffers
                      if b.name in fam.required(fields) and b.name not in self._live[i]]
-            start, stop = (min(max(x, lo), self._hi) - lo for x in self._arena.ranges[i])
             for b in fresh:
                 if b.name not in self._state:
                     self._new_state_arena(b.name)
-                self._state[b.name][start:stop] = b.initial(fields)
+                self._state[b.name].fill_group(self._layout, i, b.initial(fields), b.signed)
+            if self._layout.has_bf16:
+                self._stepper.set_seed(i, fields["state_seed"])
+                self._stepper.set_rounding(i, fields["state_rounding"] == "stochastic")
             self._fresh[i] = tuple(b.name for b in fresh)
             self._fresh_pending = self._fresh_pending or bool(fresh)
             kernel = {f.name: fields[f.name] for f in fam.user_fields}
@@ -585,6 +634,10 @@ class Optimizer(Generic[Views]):
         """The range [lo, hi) of the arena this optimizer updates: all of it."""
         return 0, arena.total
 
+    def _full_layout(self):
+        """The state layout of the whole arena (a sharded optimizer's own covers its shard)."""
+        return self._layout
+
     def _kernel_grads(self):
         """The gradients the kernels read for [lo, hi)."""
         return self._arena.flat_grads[self._lo:self._hi]
@@ -601,13 +654,20 @@ class Optimizer(Generic[Views]):
         return product_overflows(self.flat_grads, grad_multiplier)
 
     def _full_state(self):
-        """State arenas over the whole arena (a sharded optimizer gathers them)."""
-        return self._state
+        """(layout, {name: StateBuffer}) over the whole arena (a sharded optimizer gathers
+        them)."""
+        return self._layout, self._state
 
     def _new_state_arena(self, key):
-        arena = aligned_zeros(self._hi - self._lo)
-        self._stepper.set_buffer(key, arena)
-        self._state[key] = arena
+        buf = StateBuffer(self._layout)
+        f32, bf16, codes = buf.data
+        if f32 is not None and (f32.size or self._layout.all_f32):
+            self._stepper.set_buffer(key, f32)
+        if bf16 is not None:
+            self._stepper.set_buffer(key, bf16, _formats.FMT_BF16)
+        if codes is not None:
+            self._stepper.set_buffer(key, codes, _formats.FMT_INT8, buf.absmax)
+        self._state[key] = buf
 
     def _indexed_groups(self):
         """The param groups as a state dict holds them: hyperparameters, params as indices."""
@@ -623,7 +683,10 @@ class Optimizer(Generic[Views]):
         """`state`'s entries; arrays are copies (copy=True), live views (False) or stand-ins
         holding no memory (None: no state is read or gathered)."""
         fam, arena = self._family, self._arena
-        arenas = self._full_state() if copy is not None else None
+        if copy is not None:
+            layout, arenas = self._full_state()
+        else:
+            layout, arenas = self._full_layout(), None
         state = {}
         for i in range(len(self.param_groups)):
             if not self._steps[i] or not (self._live[i] or fam.has_step):
@@ -634,12 +697,40 @@ class Optimizer(Generic[Views]):
                 for key in fam.buffer_names:
                     if key in self._live[i]:
                         if arenas is None:
-                            entry[key] = np.broadcast_to(np.float32(0), arena.shapes[k])
+                            for member, dtype, shape in layout.members(k, key):
+                                entry[member] = np.broadcast_to(np.zeros((), dtype), shape)
                         else:
-                            view = arena.view(arenas[key], k)
-                            entry[key] = view.copy() if copy else view
+                            for member, view in arenas[key].members(layout, k, key).items():
+                                entry[member] = view.copy() if copy else view
                 state[k] = entry
         return state
+
+
+class BufferMembers:
+    """One state buffer as `state_buffers()` yields it: called with a param index k, its
+    members {name: live view}; `arrays()` lists the storage arrays themselves."""
+
+    def __init__(self, buf, layout, key):
+        self.buf, self.layout, self.key = buf, layout, key
+
+    def __call__(self, k):
+        return self.buf.members(self.layout, k, self.key)
+
+    def arrays(self):
+        return self.buf.arrays()
+
+
+def _state_float32(layout, buf, k, key, fam):
+    """Param k's buffer `key` as float32 values in the param's shape."""
+    shape = layout.arena.shapes[k]
+    fmt = layout.formats[k]
+    members = buf.members(layout, k, key)
+    data = _formats.as_bf16_bits(members[key])
+    if fmt == _formats.FMT_INT8:
+        signed = next(b.signed for b in fam.buffers if b.name == key)
+        values = _formats.dequantize_int8(data, members[key + _formats.ABSMAX_SUFFIX], signed)
+        return values[:int(np.prod(shape))].reshape(shape)
+    return _formats.widen(fmt, data, None, True).reshape(shape)
 
 
 def optimizer_class(spec, backend, module):
@@ -653,6 +744,8 @@ def optimizer_class(spec, backend, module):
         params.append(inspect.Parameter(name, kind, default=spec.defaults[name]))
     params.append(inspect.Parameter("skip_nonfinite", inspect.Parameter.KEYWORD_ONLY,
                                     default=False))
+    for name, default in _formats.STATE_DEFAULTS.items():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
     sig = inspect.Signature(params)
     doc = inspect.cleandoc(spec.doc) + _COMMON_DOC
     cls = type(spec.name, (Optimizer,), {
@@ -668,6 +761,16 @@ def optimizer_class(spec, backend, module):
 _COMMON_DOC = """
 
 skip_nonfinite=True skips the whole update when a gradient is NaN or infinite (see step()).
+
+State storage (fastopt-only keywords, also keys of each param group): state_dtype="float32"
+(default), "bfloat16" or "int8" (8-bit blockwise dynamic quantization, Dettmers et al.: one
+float32 absmax per 256 elements; tensors smaller than min_8bit_size=4096 elements keep float32
+state); state_rounding="nearest" or "stochastic" (bfloat16: unbiased rounding from a
+counter-based hash of state_seed, the step and the element, so runs and resumes are
+reproducible).  The update is the same float32 arithmetic on the widened state, in the same
+single pass.  state_dtype and min_8bit_size are fixed at construction (they decide the
+arena's layout).  `state_values()` gives every buffer as float32; `state_nbytes` the bytes
+held.  The rules: fastopt._formats.
 """
 
 

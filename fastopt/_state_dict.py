@@ -13,6 +13,8 @@ import numpy as np
 
 from fastopt import _validate as V
 from fastopt._family import check_group_keys, torch_group_keys
+from fastopt._formats import (ABSMAX_SUFFIX, BFLOAT16, FMT_F32, LAYOUT_KEYS, STATE_DEFAULTS,
+                              as_bf16_bits, format_name)
 
 
 @dataclass
@@ -26,8 +28,11 @@ class GroupState:
     buffers: dict
 
 
-def check(spec, arena, groups, sd):
-    """-> [GroupState], one a param group of the optimizer (`groups`: its param_groups)."""
+def check(spec, arena, groups, sd, layout=None):
+    """-> [GroupState], one a param group of the optimizer (`groups`: its param_groups);
+    `layout` (a StateLayout over the whole arena) says in which form each param's state is
+    held (float32, bfloat16 or int8 codes with their absmax: fastopt._formats).
+    GroupState.buffers: name -> [{member: array}], one a param."""
     fam = spec.family
     if not isinstance(sd, Mapping):
         raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
@@ -62,6 +67,8 @@ def check(spec, arena, groups, sd):
                 raise ValueError(f"{where}: param id {pid} appears twice")
             owner[pid] = (i, j, k + j)
         k += len(ids)
+        # a state dict from torch, or from before the state options, holds float32 state
+        saved = {**STATE_DEFAULTS, **saved}
         missing = [key for key in keys if key not in saved]
         if missing:
             raise ValueError(f"{where} is missing {missing}")
@@ -72,6 +79,12 @@ def check(spec, arena, groups, sd):
             if new[key] != value:
                 raise ValueError(f"{where}.{key} must be {value!r} for {spec.name}")
         fields.append(spec.fields_of(new, where + "."))
+        for key in LAYOUT_KEYS:
+            if fields[-1][key] != groups[i][key]:
+                raise ValueError(
+                    f"{where}.{key} is {fields[-1][key]!r}, this optimizer's group has "
+                    f"{groups[i][key]!r}: the state's format is fixed when an optimizer is "
+                    f"built; build it with {key}={fields[-1][key]!r} to load this state")
         hparams.append(new)
 
     per_group = [dict() for _ in groups]      # j -> (pid, entry)
@@ -101,9 +114,13 @@ def check(spec, arena, groups, sd):
         for j in range(n):
             pid, entry = entries[j]
             where = f"state_dict['state'][{pid!r}]"
+            kidx = owner[pid][2]
             entry_keys = set(entry) - set(scalars)
             if "step" in entry and not fam.has_step:
                 raise ValueError(f"{where} has a 'step', which {spec.name} does not keep")
+            absmax = {key for key in entry_keys if key.endswith(ABSMAX_SUFFIX)
+                      and key[:-len(ABSMAX_SUFFIX)] in fam.buffer_names}
+            entry_keys -= absmax
             unknown = entry_keys - set(fam.buffer_names)
             if unknown:
                 raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
@@ -118,14 +135,49 @@ def check(spec, arena, groups, sd):
                 label = f"{where}[{name!r}]"
                 seen[name].add(_step(label, entry[name]) if name == "step"
                                else _counter(label, entry[name]))
-            shape = arena.shapes[owner[pid][2]]
+            shape = arena.shapes[kidx]
             for key in entry_keys:
-                a = entry[key]
-                V.float32_array(f"{where}[{key!r}]", a)
-                if a.shape != shape:
-                    raise ValueError(f"{where}[{key!r}] has shape {a.shape}, the param has "
-                                     f"shape {shape}")
-                buffers.setdefault(key, []).append(a)
+                members = {}
+                fmt = FMT_F32 if layout is None else layout.formats[kidx]
+                want = ([(key, np.dtype(np.float32), shape)] if layout is None
+                        else layout.members(kidx, key))
+                held = "int8" if key + ABSMAX_SUFFIX in absmax else _held(entry[key])
+                if held != format_name(fmt):
+                    raise ValueError(
+                        f"{where}[{key!r}] holds {held} state, this optimizer keeps "
+                        f"{format_name(fmt)} state for this param (its group's state_dtype "
+                        f"is {groups[owner[pid][0]]['state_dtype']!r}"
+                        + (", and a param smaller than min_8bit_size keeps float32)"
+                           if fmt == FMT_F32 and groups[owner[pid][0]]['state_dtype'] == "int8"
+                           else ")"))
+                for member, dtype, mshape in want:
+                    label = f"{where}[{member!r}]"
+                    a = entry.get(member)
+                    if a is None:
+                        raise ValueError(f"{where} has no {member!r} beside {key!r}")
+                    if dtype == np.float32:
+                        V.float32_array(label, a)
+                    else:
+                        if not isinstance(a, np.ndarray):
+                            raise TypeError(f"{label} must be a NumPy array, got "
+                                            f"{type(a).__name__}")
+                        a = as_bf16_bits(a)
+                        if a.dtype != dtype:
+                            raise ValueError(f"{label} has dtype {a.dtype}, expected {dtype}")
+                    if a.shape != tuple(mshape):
+                        raise ValueError(
+                            f"{label} has shape {a.shape}, the param has shape {shape}"
+                            if member == key and fmt == FMT_F32 else
+                            f"{label} has shape {a.shape}, expected {tuple(mshape)} "
+                            f"({format_name(fmt)} state of a param of shape {shape})")
+                    if member != key and not np.all((a >= 0) | np.isnan(a)):
+                        raise ValueError(f"{label} must hold absmax values >= 0 (NaN or +inf "
+                                         "where a block went non-finite)")
+                    members[member] = a
+                buffers.setdefault(key, []).append(members)
+            stray = absmax - {k + ABSMAX_SUFFIX for k in entry_keys}
+            if stray:
+                raise ValueError(f"{where} has {sorted(stray)} without its codes")
         optional = {b.name for b in fam.buffers if b.optional}
         missing = set(fam.required(fields[i])) - optional - keys0
         if missing:
@@ -140,6 +192,16 @@ def check(spec, arena, groups, sd):
         counters = {name: seen[name].pop() for name in fam.counter_defaults}
         out.append(GroupState(hparams[i], fields[i], step, counters, buffers))
     return out
+
+
+def _held(a):
+    """The state format an array holds, by its dtype (what the messages name)."""
+    dtype = getattr(a, "dtype", None)
+    if dtype == np.uint16 or (BFLOAT16 is not None and dtype == BFLOAT16):
+        return "bfloat16"
+    if dtype == np.uint8:
+        return "int8"
+    return "float32"
 
 
 def _step(where, x):

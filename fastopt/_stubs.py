@@ -21,6 +21,7 @@ import os
 import sys
 
 from fastopt._family import TORCH_ONLY
+from fastopt._formats import STATE_DEFAULTS
 from fastopt.families import FAMILIES, OPTIMIZERS
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -64,6 +65,8 @@ def _class_args(spec):
     if "*" not in spec.signature:
         out.append("*")
     out.append("skip_nonfinite: bool = False")
+    out.extend(f"{key}: {type(value).__name__} = {value!r}"
+               for key, value in STATE_DEFAULTS.items())
     return out
 
 
@@ -158,9 +161,13 @@ def reference_stub():
         "                    foreach: bool | None = None) -> float: ...\n\n"
         "class Stepper:\n"
         "    def __init__(self, family: str, param: F32, grad: F32,\n"
-        "                 ranges: list[tuple[int, int]], records: npt.NDArray[np.void]"
-        ") -> None: ...\n"
-        "    def set_buffer(self, name: str, arena: F32) -> None: ...\n"
+        "                 ranges: list[tuple[int, int]], records: npt.NDArray[np.void],\n"
+        "                 segments: list[tuple[int, int, int, int, int]] | None = None,\n"
+        "                 signed_mask: int = 0, index_base: int = 0) -> None: ...\n"
+        "    def set_buffer(self, name: str, arena: npt.NDArray[Any], format: int = 0,\n"
+        "                   absmax: F32 | None = None) -> None: ...\n"
+        "    def set_seed(self, i: int, seed: int) -> None: ...\n"
+        "    def set_rounding(self, i: int, stochastic: bool) -> None: ...\n"
         "    def set_fields(self, i: int, fields: dict[str, float]) -> None: ...\n"
         "    def run(self, steps: list[int], grad_multiplier: float = 1.0,\n"
         "            zero_grad: bool = False, lo: int = 0, hi: int | None = None) -> None: ...\n")

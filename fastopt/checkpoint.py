@@ -9,7 +9,11 @@ compressed), so `np.load` reads it:
                         and names, step counts, which state buffers each param has, the
                         skip counter, and the scheduler's state_dict
     param/<i>           float32, parameter i in its shape
-    state/<i>/<key>     float32, state buffer <key> of parameter i
+    state/<i>/<key>     state buffer <key> of parameter i, as state_dict() holds it: float32
+                        in the param's shape; bfloat16 state as uint16 bit patterns in the
+                        param's shape; int8 state as uint8 codes (blocks, 256) beside
+    state/<i>/<key>_absmax   float32 (blocks,), each block's absmax
+                        (the group's state_dtype in meta says which; fastopt._formats)
 
 Saving streams every member from the optimizer's live arenas into the file, 16 MiB at a time
 (no copy of the params or the state is made; a ZeRO run gathers one state buffer at a time on
@@ -28,7 +32,8 @@ Loading goes over the open file three times, holding at most 8 MiB of it at once
      deflated, not encrypted, its declared size the one its shape gives), the format version,
      the meta document (at most 1 MiB + 1 KiB a param and a group, in characters), every
      structure check, the hyperparameters, the scheduler's state, and each member's .npy
-     header (float32, the expected shape, C order), all before any array data is read;
+     header (the dtype and shape its param's state format gives, C order), all before any
+     array data is read;
   2. verify: every member is read through once and its CRC checked (nothing is kept);
   3. copy: the data is streamed into the params and the state arenas (a ZeRO rank fills its
      shard of the state).
@@ -56,6 +61,8 @@ import zlib
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
+
+from fastopt._formats import ABSMAX_SUFFIX, QBLOCK, as_bf16_bits
 
 try:
     import fcntl
@@ -143,11 +150,12 @@ def _write(path, layout, state, text, buffers):
                 _put(z, "meta", np.array(text))
                 for i, p in enumerate(layout.params):
                     _put(z, f"param/{i}", p)
-                for key, flat in buffers:
+                for key, members in buffers:
                     for i, entry in state.items():
                         if key in entry:
-                            _put(z, f"state/{i}/{key}", layout.view(flat, i))
-                    del flat        # before the next buffer is gathered
+                            for member, a in members(i).items():
+                                _put(z, f"state/{i}/{member}", as_bf16_bits(a))
+                    del members     # before the next buffer is gathered
             f.flush()
             os.fsync(f.fileno())
             if fcntl is not None:
@@ -264,8 +272,12 @@ def _load(path, optimizer, scheduler):
             raise ValueError(f"{where}: bad counters table")
 
         # The members this optimizer expects, and their shapes; the state stands in for its
-        # arrays with stand-ins that hold no memory, for the optimizer's own checks.
-        expected = {f"param/{i}": shape for i, shape in enumerate(shapes)}
+        # arrays with stand-ins that hold no memory (of the dtype and shape each member's
+        # header declares), for the optimizer's own checks, which name a state held in
+        # another format than this optimizer's.
+        expected = {f"param/{i}": (shape, np.dtype(np.float32))
+                    for i, shape in enumerate(shapes)}
+        state_layout = optimizer.state_layout
         state = {}
         owner = _group_of_each_param(meta.get("param_groups"), where)
         for k, keys in state_keys.items():
@@ -275,8 +287,16 @@ def _load(path, optimizer, scheduler):
             i = int(k)
             entry = {}
             for key in keys:
-                expected[f"state/{i}/{key}"] = shapes[i]
-                entry[key] = np.broadcast_to(np.float32(0), shapes[i])
+                name = f"state/{i}/{key}"
+                if name not in r.members:
+                    raise ValueError(f"{where}: missing member {name!r}")
+                # any format's member is at most 4 bytes an element of the param, padded
+                got, _, dtype = r.header(name, 4 * (math.prod(shapes[i]) + 2 * QBLOCK))
+                entry[key] = np.broadcast_to(np.zeros((), dtype), got)
+                base = key[:-len(ABSMAX_SUFFIX)] if key.endswith(ABSMAX_SUFFIX) else key
+                want = {m: (tuple(sh), dt) for m, dt, sh in state_layout.members(i, base)} \
+                    if base in optimizer.family.buffer_names else {}
+                expected[name] = want.get(key, (got, dtype))
             if optimizer.family.has_step:
                 entry["step"] = steps[owner.get(i, 0)]
             extra = counters.get(k, {})
@@ -290,8 +310,19 @@ def _load(path, optimizer, scheduler):
         unexpected = sorted(set(r.members) - set(expected) - {"format_version", "meta"})
         if unexpected:
             raise ValueError(f"{where}: unexpected members {unexpected[:5]}")
-        for name, shape in expected.items():
-            r.check_array(name, shape)
+        # a state member held in another state format (float32, bfloat16 bits, int8 codes)
+        # than this optimizer keeps is named by the optimizer's own check below; the rest,
+        # any other dtype among them, now
+        formats = {np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.uint8)}
+        deferred = set()
+        for name in expected:
+            if name.startswith("state/"):
+                have = state[int(name.split("/")[1])][name.split("/")[2]].dtype
+                if have != expected[name][1] and have in formats:
+                    deferred.add(name)
+        for name, (shape, dtype) in expected.items():
+            if name not in deferred:
+                r.check_array(name, shape, dtype)
         skipped = meta.get("skipped_steps", 0)
         if not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0:
             raise ValueError(f"{where}: bad skipped_steps {skipped!r}")
@@ -305,6 +336,8 @@ def _load(path, optimizer, scheduler):
         for i, gs in enumerate(new_state):
             if gs.buffers and optimizer.family.has_step and gs.step != steps[i]:
                 raise ValueError(f"{where}: step counts disagree for group {i}")
+        for name in deferred:
+            r.check_array(name, *expected[name])
 
         sched_meta = meta.get("scheduler")
         if (scheduler is None) != (sched_meta is None):
@@ -430,22 +463,23 @@ class _Reader:
                              "never loaded")
         return shape, fortran, dtype
 
-    def check_array(self, name, shape):
-        """Member `name` must be a C-order float32 array of `shape`, and the zip must declare
-        exactly its header and data."""
+    def check_array(self, name, shape, dtype=np.dtype(np.float32)):
+        """Member `name` must be a C-order array of `dtype` (float32 unless told; a state
+        member may be uint16 or uint8) and `shape`, and the zip must declare exactly its header
+        and data."""
         where = self.where
-        n = math.prod(shape)
-        got, fortran, dtype = self.header(name, 4 * n)
-        if dtype != np.float32:
-            raise ValueError(f"{where}: {name} has dtype {dtype}, expected float32")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        got, fortran, have = self.header(name, nbytes)
+        if have != dtype or have.byteorder not in "=|<":
+            raise ValueError(f"{where}: {name} has dtype {have}, expected {np.dtype(dtype)}")
         if got != shape:
             raise ValueError(f"{where}: {name} has shape {got}, expected {shape}")
         if fortran and len(shape) > 1:
             raise ValueError(f"{where}: {name} is in Fortran order; checkpoints are C order")
         size = self.members[name].file_size
-        if size != self.offsets[name] + 4 * n:
+        if size != self.offsets[name] + nbytes:
             raise ValueError(f"{where}: member {name} declares {size} bytes, its header and "
-                             f"shape give {self.offsets[name] + 4 * n}")
+                             f"shape give {self.offsets[name] + nbytes}")
 
     def small(self, name, most):
         """Member `name` read whole, after its header says it is at most `most` bytes."""
@@ -465,10 +499,10 @@ class _Reader:
 
     def read_into(self, name, out, start):
         """Elements [start, start + out.size) of member `name`'s data into `out` (1-D,
-        contiguous float32)."""
+        contiguous, of the member's dtype)."""
         buf = memoryview(out).cast("B")
         with self.errors(), self.zip.open(self.members[name]) as f:
-            f.seek(self.offsets[name] + 4 * start)
+            f.seek(self.offsets[name] + out.itemsize * start)
             pos = 0
             while pos < len(buf):
                 # the first read is small: after a seek, zipfile joins what it had buffered to

@@ -43,7 +43,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, List, Optional, 
 import numpy as np
 
 from fastopt import _validate as V
-from fastopt._arena import ALIGN, aligned_zeros, round_up
+from fastopt._arena import ALIGN, StateBuffer, StateLayout, aligned_zeros
+from fastopt._formats import FMT_INT8, QBLOCK
+from fastopt._optimizer import BufferMembers
 from fastopt._optimizer import Optimizer, product_overflows
 from fastopt._typing import F32, Params, Views
 
@@ -173,6 +175,12 @@ def _plain(v):
     return v
 
 
+def _hashable(v):
+    """A str (state_dtype, state_rounding) as an int of its bytes, whose hash() is the same in
+    every process (a str's is salted per process)."""
+    return int.from_bytes(v.encode(), "little") if type(v) is str else v
+
+
 def _differences(settings):
     """'key is a on rank 0 but b on rank(s) [..]' for each key where a rank differs from 0."""
     out = []
@@ -204,7 +212,8 @@ class _StepCheck:
     changed group, so a constant step costs the Allgather and one tuple hash.
 
     The hashes are Python's hash() of tuples of floats, ints and bools (the values check_step
-    accepted, as plain Python values), which is the same in every process, unlike a str's.
+    accepted, as plain Python values; a str option as the int of its bytes), which is the same
+    in every process, unlike a str's.
     Two different settings could share a hash only by a deliberate choice of values (floats
     congruent modulo 2**61 - 1); sha256 of their repr would rule that out, at about four times
     the cost on every step where an lr changes (11 us against 3 us, measured on a loaded
@@ -249,7 +258,7 @@ class _StepCheck:
             # what the kernel would refuse only after the gradients are reduced: now
             opt.check_scalars(m, changed)
             if changed is not None or self.digest is None:
-                self.digest = hash(tuple(tuple(_plain(g[k]) for k in self.keys)
+                self.digest = hash(tuple(tuple(_hashable(_plain(g[k])) for k in self.keys)
                                          for g in opt.param_groups))
             code = hash((self.digest, opt.skip_nonfinite, m,
                          -1.0 if max_norm is None else max_norm,
@@ -330,12 +339,32 @@ def _bucket_arg(bucket_elements):
     return int(bucket_elements)
 
 
-def _cut(lo, hi, bucket_elements):
-    """[lo, hi) in pieces of bucket_elements rounded up to whole 64-byte lines (one piece for
-    None)."""
+def _granule(opt):
+    """The unit a cut of `opt`'s arena keeps whole: a 64-byte line, or an int8 state block
+    (QBLOCK elements, a multiple of a line) when some param keeps int8 state, so that no
+    block is split between two buckets or shards (int8 params start on whole blocks)."""
+    return QBLOCK if opt.state_layout.has_int8 else ALIGN
+
+
+def _round(n, granule):
+    return -(-n // granule) * granule
+
+
+def _formats_have_int8(formats):
+    return any(f == FMT_INT8 for f in formats)
+
+
+def whole_dtype(kind):
+    """The dtype of a storage kind's arena (float32, bfloat16 bits, int8 codes, absmax)."""
+    return (np.float32, np.uint16, np.uint8, np.float32)[kind]
+
+
+def _cut(lo, hi, bucket_elements, granule=ALIGN):
+    """[lo, hi) in pieces of bucket_elements rounded up to whole granules (64-byte lines, or
+    int8 blocks) (one piece for None)."""
     if bucket_elements is None or hi - lo <= bucket_elements:
         return [(lo, hi)]
-    step = round_up(bucket_elements)
+    step = _round(bucket_elements, granule)
     return [(a, min(a + step, hi)) for a in range(lo, hi, step)]
 
 
@@ -375,11 +404,11 @@ class _Pipeline:
     before stepping it.  Every rank issues bucket j as its j-th collective on the bucket
     communicator of a step, whichever thread issues it, so the ranks always agree."""
 
-    def __init__(self, comm, layout, grads, bucket_elements, threaded):
+    def __init__(self, comm, layout, grads, bucket_elements, threaded, granule=ALIGN):
         self.comm = comm
         self.grads = grads
         self.threaded = threaded
-        self.buckets = _cut(0, grads.size, bucket_elements)[::-1]
+        self.buckets = _cut(0, grads.size, bucket_elements, granule)[::-1]
         starts = [lo for lo, _ in self.buckets][::-1]        # ascending, for bisect
         nb = len(self.buckets)
         self.of_param = []          # param k -> the buckets (in order) it overlaps
@@ -567,7 +596,8 @@ class DataParallel(Generic[Views]):
             check_same_layout(comm, opt, "DataParallel", bucket_elements=bucket_elements)
             comm.Bcast(opt.flat_params, root=0)
             self._pipe = pipe = _Pipeline(_bucket_comm(comm), opt.layout, opt.flat_grads,
-                                          bucket_elements, _multiple_threads())
+                                          bucket_elements, _multiple_threads(),
+                                          _granule(opt))
             weakref.finalize(self, pipe.stop)       # its thread ends with the wrapper
         self._check = _StepCheck(comm, opt, "DataParallel")
 
@@ -706,6 +736,7 @@ class _Zero:
         self._comm_seconds = 0.0
         if comm.Get_size() > 1 and abort_on_error:    # before the first collective
             abort_on_uncaught_exception(comm)
+        self._whole_layout = None
         super().__init__(params, **defaults)
         if comm.Get_size() > 1:
             check_same_layout(comm, self, "ZeroRedundancyOptimizer",
@@ -719,14 +750,18 @@ class _Zero:
         # each shard's block sums are then the single process's own, and the global norm made
         # of them is bit-identical to one process's.  A smaller arena is cut in lines, and its
         # norm taken from the whole reduced gradient (gathered: it is small).
+        # With int8 state, every cut is on a whole block (QBLOCK elements: int8 params start
+        # on one), so no block's absmax is shared by two ranks or two pieces.
         block = self._backend.NORM_BLOCK
+        granule = QBLOCK if _formats_have_int8(self._formats) else ALIGN
         self._norm_aligned = arena.total >= block * size
-        self._bounds = bounds = arena.shard(size, block if self._norm_aligned else ALIGN)
+        self._bounds = bounds = arena.shard(size, block if self._norm_aligned else granule)
         lo, hi = bounds[rank], bounds[rank + 1]
         # The pipelined step's pieces: row k holds piece k of every rank's shard, cut in
         # buckets of bucket_elements; row k is reduced, stepped and gathered before row k+1.
         longest = max(b - a for a, b in zip(bounds, bounds[1:]))
-        step = round_up(self.bucket_elements) if self.bucket_elements else max(longest, 1)
+        step = (_round(self.bucket_elements, granule) if self.bucket_elements
+                else max(longest, 1))
         rows = max(1, -(-longest // step))
         self._pieces = [[(min(a + k * step, b), min(a + (k + 1) * step, b))
                          for a, b in zip(bounds, bounds[1:])] for k in range(rows)]
@@ -830,40 +865,73 @@ class _Zero:
         mine = product_overflows(self._shard_grads, grad_multiplier)
         return self.comm.allreduce(mine, op=_mpi().LOR)
 
-    def _full_state(self):
-        """Every state arena gathered to its full length (a collective: all ranks call it)."""
+    def _full_layout(self):
+        """The state layout of the whole arena (this rank's own covers its shard)."""
+        if self._whole_layout is None:
+            self._whole_layout = StateLayout(self._arena, self._formats)
+        return self._whole_layout
+
+    def _kind_cuts(self, layout):
+        """Per storage kind (float32, bfloat16, int8 codes, absmax): (MPI datatype, counts,
+        displacements) of every rank's piece of the whole state: shards are contiguous in
+        every kind's arena, in rank order."""
         MPI = _mpi()
-        counts = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
-        displs = self._bounds[:-1]
+        types = (MPI.FLOAT, MPI.UNSIGNED_SHORT, MPI.UNSIGNED_CHAR, MPI.FLOAT)
+        out = []
+        for kind in range(4):
+            at = [layout.state_index(min(kind, 2), b) for b in self._bounds]
+            if kind == 3:                   # absmax: one per block of codes
+                at = [a // QBLOCK for a in at]
+            out.append((types[kind], [b - a for a, b in zip(at, at[1:])], at[:-1]))
+        return out
+
+    def _gather_buffer(self, buf, out, cuts, root):
+        """This rank's StateBuffer `buf` into the whole StateBuffer `out`: on every rank
+        (root None, Allgatherv) or on rank 0 (root 0, Gatherv; `out` is None elsewhere)."""
+        mine = buf.data + [buf.absmax]
+        whole = out.data + [out.absmax] if out is not None else [None] * 4
+        for kind, (mpi_type, counts, displs) in enumerate(cuts):
+            if not sum(counts):
+                continue
+            send = mine[kind] if mine[kind] is not None else np.empty(0, whole_dtype(kind))
+            if root is None:
+                self.comm.Allgatherv(send, [whole[kind], counts, displs, mpi_type])
+            else:
+                self.comm.Gatherv(send, [whole[kind], counts, displs, mpi_type]
+                                  if whole[kind] is not None else None, root=root)
+
+    def _full_state(self):
+        """(whole layout, {name: StateBuffer}), every state arena gathered to its full
+        length, kind by kind (a collective: all ranks call it)."""
+        layout = self._full_layout()
+        cuts = self._kind_cuts(layout)
         full = {}
         for key in self.family.buffer_names:           # the same keys on every rank
             if key in self._state:
-                out = np.zeros(self.flat_params.size, np.float32)
-                self.comm.Allgatherv(self._state[key], [out, counts, displs, MPI.FLOAT])
+                out = StateBuffer(layout)
+                self._gather_buffer(self._state[key], out, cuts, None)
                 full[key] = out
-        return full
+        return layout, full
 
     def state_buffers(self):
         """Each state buffer gathered in turn to rank 0, the rank that writes checkpoints (a
         collective: every rank iterates to the end); the other ranks get None and hold nothing
         beyond their shards."""
-        MPI = _mpi()
-        counts = [b - a for a, b in zip(self._bounds, self._bounds[1:])]
-        displs = self._bounds[:-1]
+        layout = self._full_layout()
+        cuts = self._kind_cuts(layout)
         root = self.comm.Get_rank() == 0
         out, error = None, None
         if root and self._state:            # one buffer for every key, if rank 0 has room
             try:
-                out = np.empty(self.flat_params.size, np.float32)
+                out = StateBuffer(layout)
             except MemoryError as e:
                 error = e
         _agree(self.comm, error, "ZeroRedundancyOptimizer.save",
                "rank 0 has no room for one full state buffer")
         for key in self.family.buffer_names:           # the same keys on every rank
             if key in self._state:
-                self.comm.Gatherv(self._state[key],
-                                  [out, counts, displs, MPI.FLOAT] if root else None, root=0)
-                yield key, out
+                self._gather_buffer(self._state[key], out, cuts, 0)
+                yield key, (BufferMembers(out, layout, key) if root else None)
 
     @property
     def state(self):

@@ -79,7 +79,7 @@ ADAM_FAMILY = family(
             Field("beta2", 0.999, UNIT_OPEN), Field("eps", 1e-8, POSITIVE),
             Field("weight_decay", 0.0, NONNEG), Field.flag("decoupled"),
             Field.flag("amsgrad"), Field.flag("maximize")),
-    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq"), Buffer("max_exp_avg_sq", when="amsgrad=True")),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq", signed=False), Buffer("max_exp_avg_sq", when="amsgrad=True", signed=False)),
     needs=lambda f: ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if f["amsgrad"] else ()),
     torch="fused",
 )
@@ -129,7 +129,7 @@ RMSPROP_FAMILY = family(
     fields=(Field("lr", 1e-2, NONNEG), Field("alpha", 0.99, UNIT), Field("eps", 1e-8, POSITIVE),
             Field("weight_decay", 0.0, NONNEG), Field("momentum", 0.0, NONNEG),
             Field.flag("centered"), Field.flag("maximize")),
-    buffers=(Buffer("square_avg"), Buffer("momentum_buffer", when="momentum > 0"),
+    buffers=(Buffer("square_avg", signed=False), Buffer("momentum_buffer", when="momentum > 0"),
              Buffer("grad_avg", when="centered=True")),
     needs=lambda f: (("square_avg",) + (("momentum_buffer",) if f["momentum"] > 0.0 else ())
                      + (("grad_avg",) if f["centered"] else ())),
@@ -162,7 +162,7 @@ ADAMAX_FAMILY = family(
     fields=(Field("lr", 2e-3, NONNEG), Field("beta1", 0.9, UNIT_OPEN),
             Field("beta2", 0.999, UNIT_OPEN), Field("eps", 1e-8, POSITIVE),
             Field("weight_decay", 0.0, NONNEG), Field.flag("maximize")),
-    buffers=(Buffer("exp_avg"), Buffer("exp_inf")),
+    buffers=(Buffer("exp_avg"), Buffer("exp_inf", signed=False)),
     needs=lambda f: ("exp_avg", "exp_inf"),
     torch="single",
 )
@@ -194,7 +194,7 @@ ADADELTA_FAMILY = family(
     name="adadelta",
     fields=(Field("lr", 1.0, NONNEG), Field("rho", 0.9, UNIT), Field("eps", 1e-6, POSITIVE),
             Field("weight_decay", 0.0, NONNEG), Field.flag("maximize")),
-    buffers=(Buffer("square_avg"), Buffer("acc_delta")),
+    buffers=(Buffer("square_avg", signed=False), Buffer("acc_delta", signed=False)),
     needs=lambda f: ("square_avg", "acc_delta"),
     torch="single",
 )
@@ -235,7 +235,7 @@ NADAM_FAMILY = family(
             Field("weight_decay", 0.0, NONNEG), Field("momentum_decay", 4e-3, NONNEG),
             Field.flag("decoupled"), Field.flag("maximize"),
             Field("mu_product", 1.0, NONNEG)),
-    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq", signed=False)),
     needs=lambda f: ("exp_avg", "exp_avg_sq"),
     derived=("mu_product",),
     per_step=_nadam_mu_product,
@@ -277,7 +277,7 @@ RADAM_FAMILY = family(
             Field("beta2", 0.999, UNIT_OPEN), Field("eps", 1e-8, POSITIVE),
             Field("weight_decay", 0.0, NONNEG), Field.flag("decoupled"),
             Field.flag("maximize")),
-    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq")),
+    buffers=(Buffer("exp_avg"), Buffer("exp_avg_sq", signed=False)),
     needs=lambda f: ("exp_avg", "exp_avg_sq"),
     torch="single",
 )
@@ -314,7 +314,7 @@ ADAGRAD_FAMILY = family(
             Field("weight_decay", 0.0, NONNEG), Field("eps", 1e-10, NONNEG),
             Field.flag("maximize")),
     # torch fills it with initial_accumulator_value (a group key, not a kernel field)
-    buffers=(Buffer("sum", init=lambda f: f["initial_accumulator_value"]),),
+    buffers=(Buffer("sum", init=lambda f: f["initial_accumulator_value"], signed=False),),
     needs=lambda f: ("sum",),
     torch="fused",
 )

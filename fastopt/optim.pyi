@@ -13,17 +13,23 @@ class SGD(Optimizer[Views]):
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, *, maximize: bool = False, foreach: bool | None = None,
                  differentiable: bool = False, fused: bool | None = None,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: SGD[list[F32]], params: ParamList, lr: float = 0.001, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, skip_nonfinite: bool = False) -> None: ...
+                 fused: bool | None = None, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: SGD[Any], params: ParamGroups, lr: float = 0.001, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, foreach: bool | None = None, differentiable: bool = False,
-                 fused: bool | None = None, skip_nonfinite: bool = False) -> None: ...
+                 fused: bool | None = None, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
 
 class Adam(Optimizer[Views]):
     @overload
@@ -32,21 +38,27 @@ class Adam(Optimizer[Views]):
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adam[list[F32]], params: ParamList, lr: float = 0.001,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adam[Any], params: ParamGroups, lr: float = 0.001,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
 
 class AdamW(Optimizer[Views]):
     @overload
@@ -55,21 +67,27 @@ class AdamW(Optimizer[Views]):
                  weight_decay: float = 0.01, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: AdamW[list[F32]], params: ParamList, lr: float = 0.001,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.01, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: AdamW[Any], params: ParamGroups, lr: float = 0.001,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.01, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
 
 class RMSprop(Optimizer[Views]):
     @overload
@@ -77,19 +95,25 @@ class RMSprop(Optimizer[Views]):
                  alpha: float = 0.99, eps: float = 1e-08, weight_decay: float = 0.0,
                  momentum: float = 0.0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False,
-                 *, skip_nonfinite: bool = False) -> None: ...
+                 *, skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: RMSprop[list[F32]], params: ParamList, lr: float = 0.01,
                  alpha: float = 0.99, eps: float = 1e-08, weight_decay: float = 0.0,
                  momentum: float = 0.0, centered: bool = False, capturable: bool = False,
                  foreach: bool | None = None, maximize: bool = False, differentiable: bool = False,
-                 *, skip_nonfinite: bool = False) -> None: ...
+                 *, skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: RMSprop[Any], params: ParamGroups, lr: float = 0.01, alpha: float = 0.99,
                  eps: float = 1e-08, weight_decay: float = 0.0, momentum: float = 0.0,
                  centered: bool = False, capturable: bool = False, foreach: bool | None = None,
                  maximize: bool = False, differentiable: bool = False, *,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
 
 class Adamax(Optimizer[Views]):
     @overload
@@ -97,36 +121,48 @@ class Adamax(Optimizer[Views]):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adamax[list[F32]], params: ParamList, lr: float = 0.002,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adamax[Any], params: ParamGroups, lr: float = 0.002,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, capturable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
 
 class Adadelta(Optimizer[Views]):
     @overload
     def __init__(self: Adadelta[dict[str, F32]], params: NamedParams, lr: float = 1.0,
                  rho: float = 0.9, eps: float = 1e-06, weight_decay: float = 0.0,
                  foreach: bool | None = None, *, capturable: bool = False, maximize: bool = False,
-                 differentiable: bool = False, skip_nonfinite: bool = False) -> None: ...
+                 differentiable: bool = False, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adadelta[list[F32]], params: ParamList, lr: float = 1.0, rho: float = 0.9,
                  eps: float = 1e-06, weight_decay: float = 0.0, foreach: bool | None = None, *,
                  capturable: bool = False, maximize: bool = False, differentiable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adadelta[Any], params: ParamGroups, lr: float = 1.0, rho: float = 0.9,
                  eps: float = 1e-06, weight_decay: float = 0.0, foreach: bool | None = None, *,
                  capturable: bool = False, maximize: bool = False, differentiable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
 
 class NAdam(Optimizer[Views]):
     @overload
@@ -135,21 +171,27 @@ class NAdam(Optimizer[Views]):
                  weight_decay: float = 0.0, momentum_decay: float = 0.004,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: NAdam[list[F32]], params: ParamList, lr: float = 0.002,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, momentum_decay: float = 0.004,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: NAdam[Any], params: ParamGroups, lr: float = 0.002,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, momentum_decay: float = 0.004,
                  decoupled_weight_decay: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
 
 class RAdam(Optimizer[Views]):
     @overload
@@ -157,19 +199,25 @@ class RAdam(Optimizer[Views]):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, skip_nonfinite: bool = False) -> None: ...
+                 differentiable: bool = False, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: RAdam[list[F32]], params: ParamList, lr: float = 0.001,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, skip_nonfinite: bool = False) -> None: ...
+                 differentiable: bool = False, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: RAdam[Any], params: ParamGroups, lr: float = 0.001,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-08,
                  weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
                  foreach: bool | None = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, skip_nonfinite: bool = False) -> None: ...
+                 differentiable: bool = False, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
 
 class Adagrad(Optimizer[Views]):
     @overload
@@ -178,34 +226,46 @@ class Adagrad(Optimizer[Views]):
                  initial_accumulator_value: float = 0.0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adagrad[list[F32]], params: ParamList, lr: float = 0.01,
                  lr_decay: float = 0.0, weight_decay: float = 0.0,
                  initial_accumulator_value: float = 0.0, eps: float = 1e-10,
                  foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Adagrad[Any], params: ParamGroups, lr: float = 0.01, lr_decay: float = 0.0,
                  weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
                  eps: float = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
-                 skip_nonfinite: bool = False) -> None: ...
+                 skip_nonfinite: bool = False, state_dtype: str = 'float32',
+                 state_rounding: str = 'nearest', min_8bit_size: int = 4096,
+                 state_seed: int = 0) -> None: ...
 
 class Lion(Optimizer[Views]):
     @overload
     def __init__(self: Lion[dict[str, F32]], params: NamedParams, lr: float = 0.0001,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
-                 maximize: bool = False, skip_nonfinite: bool = False) -> None: ...
+                 maximize: bool = False, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Lion[list[F32]], params: ParamList, lr: float = 0.0001,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
-                 maximize: bool = False, skip_nonfinite: bool = False) -> None: ...
+                 maximize: bool = False, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
     @overload
     def __init__(self: Lion[Any], params: ParamGroups, lr: float = 0.0001,
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.0, *,
-                 maximize: bool = False, skip_nonfinite: bool = False) -> None: ...
+                 maximize: bool = False, skip_nonfinite: bool = False,
+                 state_dtype: str = 'float32', state_rounding: str = 'nearest',
+                 min_8bit_size: int = 4096, state_seed: int = 0) -> None: ...
 
 __all__ = ['Optimizer', 'ALIGN_BYTES', 'SGD', 'Adam', 'AdamW', 'RMSprop', 'Adamax', 'Adadelta',
            'NAdam', 'RAdam', 'Adagrad', 'Lion']

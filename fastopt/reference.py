@@ -23,6 +23,7 @@ import threading
 
 import numpy as np
 
+from fastopt import _formats
 from fastopt import clip as _clip
 from fastopt._functional import make as _make
 from fastopt._optimizer import Optimizer, optimizer_class
@@ -404,16 +405,39 @@ clip_grad_value_ = _clip.clip_grad_value_
 
 
 class Stepper:
-    """fastopt._core.Stepper's interface in Python: one twin call per group."""
+    """fastopt._core.Stepper's interface in Python: one twin call per segment.  A segment
+    whose state is compressed is widened to float32 (fastopt._formats' twins of the C
+    codecs), stepped by the family's twin and rounded back, block by block as C does."""
 
-    def __init__(self, family, param, grad, ranges, records):
+    def __init__(self, family, param, grad, ranges, records, segments=None, signed_mask=0,
+                 index_base=0):
         self._family, self._param, self._grad = family, param, grad
         self._ranges = list(ranges)
-        self._buffers = dict.fromkeys(FAMILIES[family].buffer_names)
+        if segments is None:
+            segments = [(i, r[0], r[1], _formats.FMT_F32, r[0])
+                        for i, r in enumerate(self._ranges)]
+        self._segments = [list(sg) for sg in segments]
+        self._signed = signed_mask
+        self._index_base = index_base
+        self._seeds = [0] * len(self._ranges)
+        names = FAMILIES[family].buffer_names
+        self._buffers = {kind: dict.fromkeys(names) for kind in range(3)}
+        self._absmax = dict.fromkeys(names)
         self._fields = [{} for _ in self._ranges]
 
-    def set_buffer(self, name, arena):
-        self._buffers[name] = arena
+    def set_buffer(self, name, arena, format=_formats.FMT_F32, absmax=None):
+        kind = _formats.KIND[format]
+        self._buffers[kind][name] = arena
+        if kind == 2:
+            self._absmax[name] = absmax
+
+    def set_seed(self, i, seed):
+        self._seeds[i] = seed
+
+    def set_rounding(self, i, stochastic):
+        for sg in self._segments:
+            if sg[0] == i and _formats.KIND[sg[3]] == 1:
+                sg[3] = _formats.FMT_BF16_SR if stochastic else _formats.FMT_BF16
 
     def set_fields(self, i, fields):
         self._fields[i].update(fields)
@@ -427,12 +451,42 @@ class Stepper:
         top = self._param.size if hi is None else hi
         if not 0 <= lo <= top <= self._param.size:
             raise ValueError(f"range [{lo}, {top}) outside the arena of {self._param.size}")
-        for (start, stop), fields, taken in zip(self._ranges, self._fields, steps):
-            start, stop = min(max(start, lo), top), min(max(stop, lo), top)
+        for i, start, stop, fmt, state_start in self._segments:
+            a, b = min(max(start, lo), top), min(max(stop, lo), top)
+            if fmt == _formats.FMT_INT8 and a < b and ((a - start) % _formats.QBLOCK or
+                                                       (b - start) % _formats.QBLOCK):
+                raise ValueError(f"range [{lo}, {top}) cuts an int8 block of group {i}")
+        for i, start, stop, fmt, state_start in self._segments:
+            a, b = min(max(start, lo), top), min(max(stop, lo), top)
+            if a >= b:
+                continue
+            fields, step = self._fields[i], steps[i] + 1
             used = fam.required(fields)
-            state = [self._buffers[b] if b in used else None for b in fam.buffer_names]
-            kernel(self._family, self._param, self._grad, state, start, stop, taken + 1,
+            kind = _formats.KIND[fmt]
+            s0 = state_start + (a - start)
+            state, stored = [], []
+            for k, name in enumerate(fam.buffer_names):
+                if name not in used:
+                    state.append(None)
+                    continue
+                data = self._buffers[kind][name][s0:s0 + b - a]
+                am = None
+                if kind == 2:
+                    am = self._absmax[name][s0 // _formats.QBLOCK:
+                                            (s0 + b - a) // _formats.QBLOCK]
+                signed = bool(self._signed >> k & 1)
+                if kind == 0:
+                    state.append(data)
+                else:
+                    state.append(_formats.widen(fmt, data, am, signed))
+                    stored.append((k, data, am, signed))
+            values = state
+            # the twin on this range's slices (compressed state: float32 copies of it)
+            kernel(self._family, self._param[a:b], self._grad[a:b], values, 0, b - a, step,
                    fields, grad_multiplier, zero_grad)
+            for k, data, am, signed in stored:
+                _formats.narrow(fmt, values[k], data, am, signed, seed=self._seeds[i],
+                                step=step, buffer=k, index0=self._index_base + a)
 
 
 def check_scalars(family, groups, grad_multiplier=1.0):

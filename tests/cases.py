@@ -423,3 +423,11 @@ def assert_bitwise(actual, expected, what):
         i = int(np.flatnonzero(~same)[0])
         raise AssertionError(f"{what}: {int((~same).sum())} of {same.size} elements differ; "
                              f"first at [{i}]: {actual.flat[i]!r} vs {expected.flat[i]!r}")
+
+
+def state_bytes(opt):
+    """{buffer name: every byte of its storage (float32, bfloat16 and int8 arenas, absmax),
+    copied}: what a refused call must leave bit for bit as it was."""
+    return {k: np.concatenate([a.view(np.uint8).ravel() for a in b.arrays()]
+                              or [np.zeros(0, np.uint8)])
+            for k, b in opt._state.items()}

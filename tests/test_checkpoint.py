@@ -154,7 +154,8 @@ CHILD = textwrap.dedent("""
     for g in opt.grads:
         g[...] = 1.0
     opt.step()
-    before = [opt.flat_params.copy()] + [b.copy() for _, b in opt.state_buffers()]
+    before = [opt.flat_params.copy()] + [a.copy() for _, b in opt.state_buffers()
+                                                  for a in b.arrays()]
     with open("/proc/self/status") as f:
         vm = next(int(l.split()[1]) for l in f if l.startswith("VmSize:")) * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
@@ -165,7 +166,7 @@ CHILD = textwrap.dedent("""
             got = ["loaded", ""]
         except BaseException as e:
             got = [type(e).__name__, str(e)[:500]]
-        after = [opt.flat_params] + [b for _, b in opt.state_buffers()]
+        after = [opt.flat_params] + [a for _, b in opt.state_buffers() for a in b.arrays()]
         got.append(all(np.array_equal(a, b) for a, b in zip(before, after)))
         out[case] = got
     print(json.dumps(out))

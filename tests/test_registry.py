@@ -11,6 +11,7 @@ import pytest
 
 import fastopt
 from fastopt import _core
+from fastopt._formats import STATE_DEFAULTS
 from fastopt.families import FAMILIES, OPTIMIZERS
 from cases import CONFIGS, full_fields
 
@@ -66,11 +67,18 @@ def test_every_class_has_torchs_signature_and_a_docstring():
     for name, spec in OPTIMIZERS.items():
         cls = getattr(fastopt, name)
         sig = inspect.signature(cls)
-        names = [p for p in sig.parameters if p not in ("params", "skip_nonfinite")]
+        names = [p for p in sig.parameters
+                 if p not in ("params", "skip_nonfinite", *STATE_DEFAULTS)]
         assert names == [k for k in spec.signature if k != "*"]
         for k in names:
             assert sig.parameters[k].default == spec.defaults[k]
-        assert cls.__doc__ and "torch" in cls.__doc__
+        # fastopt's own keywords close the signature, keyword-only, with their defaults
+        tail = list(sig.parameters)[-1 - len(STATE_DEFAULTS):]
+        assert tail == ["skip_nonfinite", *STATE_DEFAULTS]
+        for k, v in STATE_DEFAULTS.items():
+            assert sig.parameters[k].kind is inspect.Parameter.KEYWORD_ONLY
+            assert sig.parameters[k].default == v
+        assert cls.__doc__ and "torch" in cls.__doc__ and "state_dtype" in cls.__doc__
 
 
 def test_the_step_count_is_the_optimizers_alone():

@@ -33,6 +33,7 @@ torch = pytest.importorskip("torch", reason=TORCH_SKIP_REASON)
 import fastopt  # noqa: E402
 import fastopt.torch as ftorch  # noqa: E402
 from fastopt.families import OPTIMIZERS  # noqa: E402
+from fastopt._formats import STATE_DEFAULTS  # noqa: E402
 
 try:
     from sklearn.datasets import load_digits
@@ -556,7 +557,9 @@ def test_state_dict_is_torchs_format():
     opt.step()
     sd = opt.state_dict()
     group = sd["param_groups"][0]
-    assert set(group) == set(ref.state_dict()["param_groups"][0])
+    # torch's keys, and fastopt's state-format keys (which torch's load_state_dict carries)
+    assert set(group) == set(ref.state_dict()["param_groups"][0]) | set(STATE_DEFAULTS)
+    assert {k: group[k] for k in STATE_DEFAULTS} == STATE_DEFAULTS
     assert (group["fused"], group["foreach"], group["capturable"], group["differentiable"]) \
         == (True, None, False, False)
     assert group["params"] == list(range(len(list(model.parameters()))))
