@@ -92,6 +92,8 @@ class Family:
     counters   per-group scalars kept in the state beside 'step' (name -> initial value); a
                derived field of the same name is the counter's value after the step
     has_step   whether the state records 'step' (torch's SGD does not)
+    exact_state  fields -> why these hyperparameters need float32 state (a str), or None:
+               a group with another state_dtype is refused with that reason
     torch      how torch.optim has this family (its classes are the OptimizerSpecs' names):
                "fused" (a fused CPU kernel, which this one matches bitwise but for torch's
                per-tensor scalar tail), "single" (only the for-loop and foreach
@@ -107,6 +109,7 @@ class Family:
     counters: tuple = ()
     has_step: bool = True
     torch: Optional[str] = None
+    exact_state: Optional[Callable] = None
 
     def __post_init__(self):
         names = [f.name for f in self.fields]
@@ -204,6 +207,10 @@ class OptimizerSpec:
         for e in self.extra:
             fields[e.name] = values[e.name]
         fields.update(options)
+        why = fam.exact_state(fields) if fam.exact_state is not None else None
+        if why and options["state_dtype"] != "float32":
+            raise ValueError(f"{prefix}state_dtype is {options['state_dtype']!r}, but {why}: "
+                             "use state_dtype='float32' for it")
         return fields
 
 

@@ -294,6 +294,12 @@ def param_format(group, size):
     return fmt
 
 
+def counts_steps(group):
+    """Whether a group's state must record its step count even in a family that keeps none
+    (SGD): stochastic rounding draws its bits by step, so a resumed run needs the count."""
+    return group.get("state_dtype") == "bfloat16" and group.get("state_rounding") == "stochastic"
+
+
 def format_name(fmt):
     return ("float32", "bfloat16", "bfloat16", "int8")[fmt]
 

@@ -692,7 +692,8 @@ class Optimizer(Generic[Views]):
             if not self._steps[i] or not (self._live[i] or fam.has_step):
                 continue
             for k in arena.param_indices(i):
-                entry = {"step": self._steps[i]} if fam.has_step else {}
+                keeps_step = fam.has_step or _formats.counts_steps(self.param_groups[i])
+                entry = {"step": self._steps[i]} if keeps_step else {}
                 entry.update(self._counters[i])
                 for key in fam.buffer_names:
                     if key in self._live[i]:

@@ -14,7 +14,7 @@ import numpy as np
 from fastopt import _validate as V
 from fastopt._family import check_group_keys, torch_group_keys
 from fastopt._formats import (ABSMAX_SUFFIX, BFLOAT16, FMT_F32, LAYOUT_KEYS, STATE_DEFAULTS,
-                              as_bf16_bits, format_name)
+                              as_bf16_bits, counts_steps, format_name)
 
 
 @dataclass
@@ -97,9 +97,11 @@ def check(spec, arena, groups, sd, layout=None):
         i, j, _ = owner[pid]
         per_group[i][j] = (pid, entry)
 
-    scalars = (("step",) if fam.has_step else ()) + tuple(fam.counter_defaults)
     out = []
     for i, entries in enumerate(per_group):
+        # a family without a step count (SGD) records one where stochastic rounding needs it
+        keeps_step = fam.has_step or counts_steps(fields[i])
+        scalars = (("step",) if keeps_step else ()) + tuple(fam.counter_defaults)
         n = arena.counts[i]
         if not entries:
             out.append(GroupState(hparams[i], fields[i], 0, dict(fam.counter_defaults), {}))
@@ -116,8 +118,9 @@ def check(spec, arena, groups, sd, layout=None):
             where = f"state_dict['state'][{pid!r}]"
             kidx = owner[pid][2]
             entry_keys = set(entry) - set(scalars)
-            if "step" in entry and not fam.has_step:
-                raise ValueError(f"{where} has a 'step', which {spec.name} does not keep")
+            if "step" in entry and not keeps_step:
+                raise ValueError(f"{where} has a 'step', which {spec.name} does not keep "
+                                 "(but with bfloat16 state rounded stochastically)")
             absmax = {key for key in entry_keys if key.endswith(ABSMAX_SUFFIX)
                       and key[:-len(ABSMAX_SUFFIX)] in fam.buffer_names}
             entry_keys -= absmax
@@ -188,7 +191,7 @@ def check(spec, arena, groups, sd, layout=None):
                 what = "step counts" if name == "step" else f"values of {name!r}"
                 raise ValueError(f"state_dict['state'] has different {what} "
                                  f"{sorted(values)} within group {i}; a group steps as one unit")
-        step = seen["step"].pop() if fam.has_step else 1
+        step = seen["step"].pop() if keeps_step else 1
         counters = {name: seen[name].pop() for name in fam.counter_defaults}
         out.append(GroupState(hparams[i], fields[i], step, counters, buffers))
     return out

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from fastopt._formats import ABSMAX_SUFFIX, QBLOCK, as_bf16_bits
+from fastopt._formats import ABSMAX_SUFFIX, QBLOCK, as_bf16_bits, counts_steps
 
 try:
     import fcntl
@@ -280,6 +280,7 @@ def _load(path, optimizer, scheduler):
         state_layout = optimizer.state_layout
         state = {}
         owner = _group_of_each_param(meta.get("param_groups"), where)
+        meta_groups = meta.get("param_groups")          # checked list of dicts by now
         for k, keys in state_keys.items():
             if not (isinstance(k, str) and k.isdigit() and int(k) < len(shapes)) or not (
                     isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
@@ -297,7 +298,8 @@ def _load(path, optimizer, scheduler):
                 want = {m: (tuple(sh), dt) for m, dt, sh in state_layout.members(i, base)} \
                     if base in optimizer.family.buffer_names else {}
                 expected[name] = want.get(key, (got, dtype))
-            if optimizer.family.has_step:
+            group = meta_groups[owner[i]] if i in owner else {}
+            if optimizer.family.has_step or counts_steps(group):
                 entry["step"] = steps[owner.get(i, 0)]
             extra = counters.get(k, {})
             if not isinstance(extra, dict) or set(extra) & set(entry):

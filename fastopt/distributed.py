@@ -541,7 +541,8 @@ class DataParallel(Generic[Views]):
     on them (one Allgather of 16 bytes per rank: see _StepCheck), so that a bad or differing
     value raises on every rank before the gradients are touched; then it sums the gradient
     arena across ranks in place, one Allreduce per bucket of `bucket_elements` (None: one for
-    the whole arena), and steps each bucket as soon as its sum is in, while it is still in
+    the whole arena; rounded up to 64-byte lines, or to int8 state blocks of 256 elements when
+    a param keeps int8 state, so that no block is stepped in two pieces), and steps each bucket as soon as its sum is in, while it is still in
     cache, with the 1/size averaging folded into the fused step's grad_multiplier (no extra
     pass).  The result is bit-identical to one Allreduce and one step.  A step that clips or
     skips non-finite gradients sums every bucket first, then takes the norm and steps.
@@ -1022,8 +1023,10 @@ def ZeroRedundancyOptimizer(params: Params,
     Reduce_scatter), but slower where measured (MPICH, 2 ranks on one machine: its Reduces of
     pieces cost more than one Reduce_scatter; see the README), hence off by default.
     The shards start on the gradient norm's blocks (8192 elements; the NumPy twin's are
-    65536) when the arena has a block for every rank, else on 64-byte lines, as even as that
-    allows.  `step(max_grad_norm=...)` and `skip_nonfinite=True` use the norm of every
+    65536) when the arena has a block for every rank, else on 64-byte lines (on int8 state
+    blocks of 256 elements when a param keeps int8 state, as pieces are then too), as even as
+    that allows.  Compressed state (state_dtype) is sharded and gathered kind by kind
+    (float32, bfloat16 bits, int8 codes and absmax).  `step(max_grad_norm=...)` and `skip_nonfinite=True` use the norm of every
     shard's reduced gradients, combined in a fixed order (or, for an arena smaller than a
     block a rank, taken of the gathered reduced gradients), so every rank takes the same
     decision and the result is one process's (bit for bit with 2 ranks).

@@ -134,6 +134,12 @@ RMSPROP_FAMILY = family(
     needs=lambda f: (("square_avg",) + (("momentum_buffer",) if f["momentum"] > 0.0 else ())
                      + (("grad_avg",) if f["centered"] else ())),
     torch="single",
+    # sa - ga*ga cancels: its two terms are nearly equal where the gradient is steady, and
+    # bfloat16 or int8 rounding of either makes it negative, the sqrt NaN and (int8) the
+    # whole block NaN (measured: params NaN after two steps of int8 state).  bitsandbytes'
+    # 8-bit RMSprop refuses centered too.
+    exact_state=lambda f: ("centered RMSprop takes sqrt(square_avg - grad_avg**2), which "
+                           "compressed state rounds below 0 (NaN)") if f["centered"] else None,
 )
 
 optimizer(

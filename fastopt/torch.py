@@ -78,7 +78,10 @@ import weakref
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+
 from fastopt import optim as _optim
+from fastopt._formats import as_bf16_bits
 from fastopt.families import OPTIMIZERS
 
 try:
@@ -369,7 +372,7 @@ class Optimizer(torch.optim.Optimizer):
         copies = self._collecting
         for k, entry in self._core.state.items():
             e = {key: (torch.tensor(float(v), dtype=torch.float32) if key in scalars
-                       else torch.from_numpy(v.copy() if copies else v))
+                       else _tensor(v.copy() if copies else v))
                  for key, v in entry.items()}
             out[self._params[k]] = e if copies else types.MappingProxyType(e)
         return out
@@ -624,12 +627,23 @@ def _number(v):
     return v
 
 
+def _tensor(a):
+    """A state array as a torch tensor sharing its memory: bfloat16 state (uint16 bits, or an
+    ml_dtypes view) as torch.bfloat16, the same bits."""
+    bits = as_bf16_bits(a)
+    if bits.dtype == np.uint16:
+        return torch.from_numpy(bits).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def _value(v, scalar):
     if not isinstance(v, torch.Tensor):
         return v
     v = v.detach()
     if scalar and v.dim() == 0:             # 'step', NAdam's mu_product: numbers
         return v.item()
+    if v.dtype == torch.bfloat16:           # bfloat16 state: its bits, as fastopt keeps them
+        return v.cpu().view(torch.int16).numpy().view(np.uint16)
     if v.is_floating_point():
         v = v.to(device="cpu", dtype=torch.float32)
     return v.cpu().numpy()

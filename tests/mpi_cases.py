@@ -97,7 +97,9 @@ def same_on_all_ranks(a):
 
 
 def bitwise(a, b):
-    return np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+    """The same dtype, shape and bytes (float32, or a compressed state's uint16 and uint8)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def case_data_parallel():
@@ -747,6 +749,60 @@ def case_zero_pipeline():
                 assert bitwise(opt.flat_params, opts[None].flat_params), what
                 assert_shards(opt, one, what)
                 assert_same_run(opt, one, what)
+
+
+# compressed state: int8 (min_8bit_size 256: the small params keep float32 beside it) and
+# stochastically rounded bfloat16
+COMPRESSED = [dict(amsgrad=True, state_dtype="int8", min_8bit_size=256),
+              dict(state_dtype="bfloat16", state_rounding="stochastic", state_seed=2 ** 33 + 5)]
+
+
+def case_compressed_state():
+    """ZeRO (shards and pieces cut on whole int8 blocks) and DataParallel (buckets on whole
+    blocks), with and without buckets of 1000, with int8 and stochastically rounded bfloat16
+    state, over the pipelined plan (clipping, zero_grad, a grad_multiplier, lr changes): each
+    equals one process bit for bit (params, gathered state dict, state_values); ZeRO's ranks
+    hold the state once between them; a ZeRO checkpoint resumes on one process bit for
+    bit."""
+    for kw in COMPRESSED:
+        for shapes in (LARGE, SHAPES):
+            wrappers = {}
+            for b in (None, 1000):
+                wrappers[f"ZeRO bucket_elements={b}"] = ZeroRedundancyOptimizer(
+                    groups(params(shapes=shapes)), optimizer_class=fastopt.AdamW,
+                    bucket_elements=b, **kw)
+                wrappers[f"DataParallel bucket_elements={b}"] = DataParallel(
+                    fastopt.AdamW(groups(params(shapes=shapes)), **kw), bucket_elements=b)
+            one = fastopt.AdamW(groups(params(shapes=shapes)), **kw)
+            run_pipelined(wrappers, one, shapes, False)
+            formats = set(one.state_layout.formats)
+            assert len(formats) == (2 if kw["state_dtype"] == "int8" else 1), formats
+            for name, opt in wrappers.items():
+                what = f"{kw['state_dtype']} {shapes} {name}"
+                assert_same_run(opt, one, what)
+                mine, ref = opt.state_values(), one.state_values()
+                for i, entry in ref.items():
+                    for key, value in entry.items():
+                        assert (bitwise(mine[i][key], value) if isinstance(value, np.ndarray)
+                                else mine[i][key] == value), (what, i, key)
+            zero = wrappers["ZeRO bucket_elements=None"]
+            shares = comm.allgather(zero.state_nbytes)
+            assert sum(shares) == one.state_nbytes, (shares, one.state_nbytes)
+            folder = comm.bcast(tempfile.mkdtemp() if rank == 0 else None)
+            path = os.path.join(folder, "ck.npz")
+            zero.save(path)
+            again = fastopt.AdamW(groups(params(seed=9, shapes=shapes)), **kw)
+            again.load(path)
+            comm.Barrier()
+            if rank == 0:
+                os.remove(path)
+                os.rmdir(folder)
+            for t in range(3):
+                write(zero, rank_grads(t, rank, shapes))
+                zero.step()
+                step_as_one_process(again, t, shapes)
+            assert bitwise(zero.flat_params, again.flat_params), \
+                f"{kw['state_dtype']} {shapes}: resumed on one process != ZeRO"
 
 
 NAMES = [f"layer{k}" for k in range(len(SHAPES))]

@@ -25,6 +25,9 @@ except ImportError:
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 CASES = {
+    "compressed_state": "ZeRO and DataParallel with int8 and stochastic bfloat16 state, with "
+                        "and without buckets, equal one process bit for bit (gathered state "
+                        "and state_values too); a ZeRO checkpoint resumes on one process",
     "data_parallel": "params after 12 DataParallel steps on 2 ranks, with clipping on every "
                      "other step, equal bit for bit one process stepping with the average",
     "data_parallel_buckets": "bucketed Allreduce gives the same params as one Allreduce",
@@ -79,6 +82,8 @@ CASES = {
 # in another order, so these use gradients whose sum is exact in any order, and compare with
 # one process stepping the sum with grad_multiplier 1/3.
 CASES3 = {
+    "compressed_state": "ZeRO and DataParallel with int8 and stochastic bfloat16 state on 3 "
+                        "ranks (shards and buckets on whole blocks) equal one process",
     "zero_clip_and_skip": "clipping and skip_nonfinite under ZeRO on 3 ranks (one with an "
                           "empty shard) equal one process bit for bit",
     "data_parallel_pipeline": "DataParallel's buckets on 3 ranks equal one bucket and one "

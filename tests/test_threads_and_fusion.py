@@ -13,19 +13,6 @@ from fastopt.families import FAMILIES
 needs_openmp = pytest.mark.skipif(not _core.have_openmp(), reason="built without OpenMP")
 
 
-@pytest.fixture
-def threads():
-    """Set thread count and threshold for one test, restoring both after it."""
-    before = (_core.get_num_threads(), _core.get_min_per_thread())
-
-    def set_(n, min_per_thread=1):
-        fastopt.set_num_threads(n)
-        _core.set_min_per_thread(min_per_thread)
-    yield set_
-    fastopt.set_num_threads(before[0])
-    _core.set_min_per_thread(before[1])
-
-
 @needs_openmp
 @pytest.mark.parametrize("family,cfg", ALL_CASES[::3], ids=[f"{f}[{config_id(c)}]"
                                                             for f, c in ALL_CASES[::3]])

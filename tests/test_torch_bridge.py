@@ -1237,3 +1237,40 @@ def test_a_lazy_parameter_is_refused_by_name():
     lazy = nn.LazyLinear(3)
     with pytest.raises(ValueError, match=r"params\[0\] is an uninitialized parameter"):
         ftorch.SGD(lazy.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("kw", [dict(state_dtype="int8", min_8bit_size=256),
+                                dict(state_dtype="bfloat16", state_rounding="stochastic")],
+                         ids=["int8", "bfloat16_stochastic"])
+def test_compressed_state_through_the_bridge(kw, digits):
+    """state_dtype and its options pass through to the core: the bridge shows the compressed
+    buffers as torch tensors (uint8 codes and a float32 absmax, or bfloat16 bits), holds less
+    than float32's 8 bytes a parameter, and its state_dict resumes bit for bit in a fresh
+    bridge."""
+    model, straight = model_b(), model_b()
+    opt = ftorch.AdamW(model.parameters(), lr=1e-2, **kw)
+    ref = ftorch.AdamW(straight.parameters(), lr=1e-2, **kw)
+    train(model, opt, digits, 0, 3)
+    train(straight, ref, digits, 0, 6)
+    core = opt.core
+    weight = model[5].weight                                  # 1920 elements
+    entry = opt.state[weight]
+    if kw["state_dtype"] == "int8":
+        assert entry["exp_avg"].dtype == torch.uint8 and entry["exp_avg"].shape == (8, 256)
+        assert entry["exp_avg_absmax"].dtype == torch.float32
+    else:
+        assert entry["exp_avg"].dtype == torch.bfloat16        # the stored bits
+        k = [p is weight for p in model.parameters()].index(True)
+        assert torch.equal(entry["exp_avg"].float(),
+                           torch.from_numpy(core.state_values()[k]["exp_avg"]))
+    assert core.state_nbytes < 8 * sum(p.numel() for p in model.parameters())
+    sd = opt.state_dict()
+    resumed = model_b()
+    with torch.no_grad():
+        for p, q in zip(resumed.parameters(), model.parameters()):
+            p.copy_(q)
+    again = ftorch.AdamW(resumed.parameters(), lr=1e-2, **kw)
+    again.load_state_dict(sd)
+    train(resumed, again, digits, 3, 6)
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
