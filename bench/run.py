@@ -3,6 +3,8 @@
     python bench/run.py                         # quick: about two minutes on 2 cores
     python bench/run.py --full                  # adds 5e7 params and mlp-25M, more repetitions
     python bench/run.py --no-torch --sizes 1e3,1e5 --layouts none --threads 1
+    python bench/run.py --optimizers none --no-extras --threads 1 --format-sizes 1e7,5e7
+                                                # the state-formats section alone
 
 What is timed.  For each optimizer of the OPTIMIZERS table below (sgd: SGD(lr=1e-3,
 momentum=0.9, nesterov=True, weight_decay=1e-4); adam: Adam(lr=1e-3); ...; one row a class) and
@@ -41,6 +43,23 @@ against flat_grads *= 0.5; step().  Each batch starts from the same gradients, r
 outside the timed region, and takes at most 64 steps, so the in-place halving never reaches
 denormals.  At 1,000 params it times the per-call overhead of opt.step(), of the functional
 kernel fastopt.functional.adam_ (which checks its arguments on every call) and of torch fused.
+
+"State formats" times AdamW(lr=1e-3) on one tensor of 1e7 params (--full adds 5e7;
+--format-sizes chooses), at the smallest of --threads (1 by default), with each state_dtype:
+float32, bfloat16, bfloat16 with state_rounding="stochastic", int8 (blockwise, one float32
+absmax per 256); beside them torch's fused AdamW (float32 state) and, when `import
+bitsandbytes` works, bitsandbytes.optim.AdamW8bit (the same 8-bit blockwise format) on a CPU
+tensor of the same size.  Every row steps the same params and gradients, all rows of a size
+interleaved in one run, medians as above.  B/param is what a step must move: read g and p,
+write p (12 B), and read and write the whole state once, counted from the state each
+implementation holds after its first step (opt.state_nbytes for fastopt: fp32 28 B, bf16
+20 B, int8 16.06 B with the absmax; int8 arenas round each tensor up to whole blocks, a few
+bytes at these sizes).  GB/s is that traffic over the median time; "vs fp32" is fastopt
+float32's median over this row's, from the same run.  The ceiling is probe_r4w3 over
+round(n * B / 28) elements: a bare pass moving the same bytes as the format, but in Adam's
+float32 mix (read 4 streams, write 3) rather than the format's (bf16 reads 12 B and writes 8,
+int8 reads 10 and writes 6); at equal bytes probe_r3w2 took within a few percent of
+probe_r4w3 here.  It says how fast the traffic alone could go, not what the conversions cost.
 
 Output: the machine header and a table on stdout, progress on stderr, and under --out
 (bench/results/) a JSON file with the machine, the command line, every row and its raw
@@ -500,6 +519,159 @@ def print_extras(rows):
                       f"{r['spread'] * 100:>4.0f}%{rel}")
 
 
+# ---- state formats ---------------------------------------------------------------------------
+
+FORMATS_OPT = "adamw"
+# label -> the optimizer's state keywords; the float32 row is what "vs fp32" is against
+FORMATS = {
+    "float32": dict(state_dtype="float32"),
+    "bfloat16": dict(state_dtype="bfloat16"),
+    "bfloat16 stochastic": dict(state_dtype="bfloat16", state_rounding="stochastic"),
+    "int8": dict(state_dtype="int8"),
+}
+QUICK_FORMAT_SIZES = [10**7]
+FULL_FORMAT_SIZES = QUICK_FORMAT_SIZES + [5 * 10**7]
+BNB_ABSENT = "bitsandbytes absent (pip install bitsandbytes --no-deps beside torch 2.13.0)"
+BNB_IMPL = "bitsandbytes AdamW8bit"
+
+
+def bitsandbytes_or_reason(torch):
+    """-> (the bitsandbytes module, None), or (None, why its row is missing)."""
+    if torch is None:
+        return None, "bitsandbytes not timed: it needs torch"
+    try:
+        import bitsandbytes
+    except ImportError:
+        return None, BNB_ABSENT
+    except Exception as e:      # a broken install fails otherwise (a missing native library)
+        return None, f"bitsandbytes failed to import: {type(e).__name__}: {e}"
+    return bitsandbytes, None
+
+
+def step_traffic(state_bytes, n):
+    """Bytes per param a step must move: read g and p, write p, read and write the state."""
+    return 12 + 2 * state_bytes / n
+
+
+def make_formats(n, t, torch, bnb):
+    """-> ([Timed], {impl: (implementation, state, B/param)}, [notes]): AdamW at n params.
+
+    Each optimizer takes one step here: fastopt and torch allocate their state on the first
+    step, and the traffic is counted from the state they then hold.
+    """
+    cls_name, kw, _, _ = OPTIMIZERS[FORMATS_OPT]
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(n, dtype=np.float32)
+    g0 = rng.standard_normal(n, dtype=np.float32)
+    timed, meta, notes = [], {}, []
+
+    for label, state_kw in FORMATS.items():
+        opt = getattr(fastopt, cls_name)([p0], **kw, **state_kw)
+        opt.grads[0][...] = g0
+        set_threads(t, torch)
+        opt.step()
+        impl = f"fastopt {label}"
+        timed.append(Timed(impl, t, opt.step))
+        meta[impl] = ("fastopt", label, step_traffic(opt.state_nbytes, n))
+
+    if torch is not None:
+        def torch_param():
+            tp = torch.from_numpy(p0.copy()).requires_grad_()
+            tp.grad = torch.from_numpy(g0.copy())
+            return tp
+
+        def torch_state_bytes(topt):
+            return sum(v.nbytes for st in topt.state.values() for k, v in st.items()
+                       if k != "step" and torch.is_tensor(v))
+
+        topt = getattr(torch.optim, cls_name)([torch_param()], **kw, fused=True)
+        set_threads(t, torch)
+        topt.step()                                       # allocates the state, to count it
+        timed.append(Timed("torch fused", t, topt.step))
+        meta["torch fused"] = ("torch fused", "float32",
+                               step_traffic(torch_state_bytes(topt), n))
+        if bnb is not None:
+            bopt = bnb.optim.AdamW8bit([torch_param()], **kw)   # min_8bit_size 4096, blocks of 256
+            try:
+                bopt.step()
+            except Exception as e:      # a build without CPU kernels: say so, time the rest
+                notes.append(f"{BNB_IMPL} failed on a CPU tensor: {type(e).__name__}: {e}")
+            else:
+                timed.append(Timed(BNB_IMPL, t, bopt.step))
+                meta[BNB_IMPL] = (BNB_IMPL, "int8", step_traffic(torch_state_bytes(bopt), n))
+
+    # one ceiling per traffic (to 0.01 B/param), on slices of one set of aligned buffers
+    traffic = sorted({round(b, 2) for _, _, b in meta.values()}, reverse=True)
+    sizes = {b: max(1, round(n * b / 28)) for b in traffic}
+    bufs = [aligned_zeros(max(sizes.values())) for _ in range(4)]
+    bufs[1][:] = 1.0
+    for b in traffic:
+        views = [a[:sizes[b]] for a in bufs]
+        impl = f"ceiling {b:.2f} B"
+        timed.append(Timed(impl, t, lambda views=views: _core.probe_r4w3(*views)))
+        meta[impl] = (impl, None, b)
+    return timed, meta, notes
+
+
+def summarize_formats(rows, meta, n, reps):
+    """-> dicts for the table and the JSON: each row beside its ceiling and fastopt float32."""
+    med = {r.impl: float(np.median(r.samples)) for r in rows if r.samples}
+    fp32 = med.get("fastopt float32")
+    out = []
+    for r in rows:
+        implementation, state, bpp = meta[r.impl]
+        row = dict(optimizer=FORMATS_OPT, n=n, impl=r.impl, implementation=implementation,
+                   state=state, threads=r.threads, bytes_per_param=bpp, reps=reps)
+        if not r.samples:
+            out.append(dict(row, us_per_step=None, dropped=r.dropped))
+            continue
+        s = med[r.impl]
+        q1, q3 = np.percentile(r.samples, [25, 75])
+        ceil_s = med.get(f"ceiling {round(bpp, 2):.2f} B")
+        out.append(dict(
+            row, us_per_step=s * 1e6, spread=(q3 - q1) / s, ns_per_param=s / n * 1e9,
+            gb_per_s=bpp * n / s / 1e9, ceiling_us=None if ceil_s is None else ceil_s * 1e6,
+            pct_of_ceiling=None if ceil_s is None else 100 * ceil_s / s,
+            speedup_vs_fp32=None if fp32 is None else fp32 / s,
+            steps_per_batch=r.k, samples_s=list(r.samples)))
+    return out
+
+
+def print_formats(rows, notes, reps):
+    cls_name, kw, _, _ = OPTIMIZERS[FORMATS_OPT]
+    args = ", ".join(f"{k}={v}" for k, v in kw.items())
+    t = rows[0]["threads"]
+    print(f"\nstate formats: {cls_name}({args}) on one tensor, {t} thread{'s' * (t > 1)}; "
+          "B/param: read g, p and the state, write p and the state;\n  'ceiling' is "
+          "probe_r4w3 moving the same bytes; 'vs fp32' is fastopt float32's time over the "
+          "row's, same run")
+    print(f"  {'size':<10} {'implementation':<22} {'state':<19} {'B/param':>7} {'ms/step':>8} "
+          f"{'spread':>6} {'ns/param':>8} {'GB/s':>6} {'ceil ms':>7} {'% ceil':>6} "
+          f"{'vs fp32':>7}")
+    for n in dict.fromkeys(r["n"] for r in rows):
+        group = [r for r in rows if r["n"] == n and r["state"] is not None]
+        first = group[0]
+        notes_here = [size_label(n)]
+        if first["reps"] < reps:
+            notes_here.append(f"{first['reps']} reps")
+        if first["others_cores"] is not None and first["others_cores"] > BUSY:
+            notes_here.append(f"! busy {first['others_cores']:.1f}")
+        print()
+        for j, r in enumerate(group):
+            note = notes_here[j] if j < len(notes_here) else ""
+            head = (f"  {note:<10} {r['implementation']:<22} {r['state']:<19} "
+                    f"{r['bytes_per_param']:>7.2f}")
+            if r["us_per_step"] is None:
+                print(f"{head}   dropped: {r['dropped']}")
+                continue
+            ceil_ms = None if r["ceiling_us"] is None else r["ceiling_us"] / 1e3
+            print(f"{head} {fmt(r['us_per_step'] / 1e3):>8} {r['spread'] * 100:>5.0f}% "
+                  f"{fmt(r['ns_per_param']):>8} {fmt(r['gb_per_s']):>6} {fmt(ceil_ms):>7} "
+                  f"{pct(r['pct_of_ceiling']):>6} {ratio(r['speedup_vs_fp32']):>7}")
+    for note in notes:
+        print(f"  {note}")
+
+
 # ---- machine header --------------------------------------------------------------------------
 
 def timing_env():
@@ -557,17 +729,19 @@ def size_label(n):
     return f"{mantissa}e{int(exp)}" if float(f"{n:.0e}") == n else str(n)
 
 
-def command_lines(args, sizes, layouts, names, threads, budget, reps):
+def command_lines(args, sizes, layouts, names, threads, budget, reps, format_sizes):
     """-> (the command as typed, the same run with every setting spelled out)."""
     env = [f"{k}={shlex.quote(v)}" for k, v in timing_env().items()]
     typed = " ".join(env + [shlex.join(["python", "bench/run.py"] + sys.argv[1:])])
     explicit = ["python", "bench/run.py"] + (["--full"] if args.full else []) + [
-        "--optimizers", ",".join(names),
+        "--optimizers", ",".join(names) or "none",
         "--sizes", ",".join(map(size_label, sizes)) or "none",
         "--layouts", ",".join(layouts) or "none",
         "--threads", ",".join(map(str, threads)), "--reps", str(reps), "--budget", f"{budget:g}"]
     explicit += ["--no-torch"] if args.no_torch else []
     explicit += ["--no-extras"] if args.no_extras else []
+    explicit += (["--format-sizes", ",".join(map(size_label, format_sizes))] if format_sizes
+                 else ["--no-formats"])
     return typed, " ".join(env + [shlex.join(explicit)])
 
 
@@ -595,7 +769,8 @@ def print_header(info, cmd, explicit, skipped, budget, reps):
           + (f", checkout {info['git']}" if info["git"] else ""))
     print(f"  machine   {info['cpu']}, {info['cores']} cores; {info['platform']}")
     print(f"  versions  Python {info['python']}, NumPy {info['numpy']}, "
-          f"torch {info['torch'] or 'not used'}")
+          f"torch {info['torch'] or 'not used'}"
+          + (f", bitsandbytes {info['bitsandbytes']}" if info.get("bitsandbytes") else ""))
     print(f"  fastopt   isa {b['isa']} (available: {', '.join(b['available_isas'])}), "
           f"openmp {b['openmp']}; {b['compiler']} {b['flags']}")
     print(f"  threads   {', '.join(map(str, info['threads']))}", end="")
@@ -706,6 +881,10 @@ def main(argv=None):
                     help="thread counts, comma-separated; default 1 and os.cpu_count()")
     ap.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
     ap.add_argument("--no-extras", action="store_true", help="skip the fused-extras section")
+    ap.add_argument("--no-formats", action="store_true", help="skip the state-formats section")
+    ap.add_argument("--format-sizes", default=None,
+                    help="sizes of the state-formats section, comma-separated, or none; default "
+                         f"{','.join(map(size_label, QUICK_FORMAT_SIZES))}, --full adds 5e7")
     ap.add_argument("--reps", type=int, default=None,
                     help=f"repetitions per case (default {QUICK_TIMING[1]}, "
                          f"--full {FULL_TIMING[1]})")
@@ -739,6 +918,12 @@ def main(argv=None):
             ap.error(f"unknown layout {name!r}; choose from {', '.join(LAYOUTS)}, or none")
     if any(n < 1 for n in sizes):
         ap.error("--sizes must be >= 1")
+    format_sizes = ([] if args.no_formats else
+                    parse_list(args.format_sizes, lambda s: int(float(s)), "--format-sizes")
+                    if args.format_sizes else
+                    FULL_FORMAT_SIZES if args.full else QUICK_FORMAT_SIZES)
+    if any(n < 1 for n in format_sizes):
+        ap.error("--format-sizes must be >= 1")
     threads = (sorted(set(parse_list(args.threads, int, "--threads"))) if args.threads
                else sorted({1, os.cpu_count() or 1}))
     if not threads or threads[0] < 1:
@@ -750,12 +935,16 @@ def main(argv=None):
         ap.error("--reps must be >= 1 and --budget > 0")
 
     torch = None if args.no_torch else torch_or_none()
+    # imported before the header, which lists the OpenMP runtimes loaded
+    bnb, bnb_note = bitsandbytes_or_reason(torch) if format_sizes else (None, None)
     info = machine(torch, threads)
+    info["bitsandbytes"] = bnb.__version__ if bnb is not None else None
     cpu = CpuMeter()
     cpu.start()
     time.sleep(0.5)
     info["others_cores_at_start"] = cpu.others()
-    cmd, explicit = command_lines(args, sizes, layouts, names, threads, budget, reps)
+    cmd, explicit = command_lines(args, sizes, layouts, names, threads, budget, reps,
+                                  format_sizes)
 
     cases = [(name, size_label(n), [(n,)]) for name in names for n in sizes]
     cases += [(name, lay, LAYOUTS[lay][1]) for name in names for lay in layouts]
@@ -801,13 +990,33 @@ def main(argv=None):
                 r["others_cores"] = others
             extra_rows += rows
             gc.collect()
+
+    format_rows, format_notes = [], [bnb_note] if bnb_note else []
+    for n in format_sizes:
+        t = min(threads)
+        progress.case(f"[formats] {FORMATS_OPT} {size_label(n)}")
+        progress("building")
+        case0 = time.perf_counter()
+        rows, meta, notes = make_formats(n, t, torch, bnb)
+        format_notes += notes
+        cpu.start()
+        case_reps = time_rows(rows, budget, reps, torch, progress)
+        others = cpu.others()
+        for r in summarize_formats(rows, meta, n, case_reps):
+            r.update(others_cores=others, case_wall_s=time.perf_counter() - case0)
+            format_rows.append(r)
+        del rows
+        gc.collect()
     wall = time.perf_counter() - wall0
     progress.done()
 
     print_table(results, reps)
     if extra_rows:
         print_extras(extra_rows)
-    busy = [r["others_cores"] for r in results + extra_rows if r["others_cores"] is not None]
+    if format_rows:
+        print_formats(format_rows, format_notes, reps)
+    busy = [r["others_cores"] for r in results + extra_rows + format_rows
+            if r["others_cores"] is not None]
     if busy and max(busy) > BUSY:
         print(f"\nother processes kept up to {max(busy):.1f} cores busy during some cases "
               f"(marked '!'): rerun on a quiet machine before trusting those rows")
@@ -819,7 +1028,8 @@ def main(argv=None):
         json.dump({"command": cmd, "explicit_command": explicit, "argv": sys.argv,
                    "machine": info, "skipped": skipped, "budget_s": budget, "reps": reps,
                    "wall_s": wall, "layouts": {k: v[0] for k, v in LAYOUTS.items()},
-                   "rows": results, "extras": extra_rows}, f, indent=1)
+                   "rows": results, "extras": extra_rows, "formats": format_rows,
+                   "formats_notes": format_notes}, f, indent=1)
     png = plot(results, stem + ".png")
     why_not = ("no flat sizes to plot" if all(r["model_layout"] for r in results)
                else "matplotlib is not installed")
