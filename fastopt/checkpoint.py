@@ -493,11 +493,24 @@ class _Reader:
             return np.lib.format.read_array(f, allow_pickle=False)
 
     def verify(self):
-        """Read every member through, checking its CRC; nothing is kept."""
-        for info in self.members.values():
+        """Read every member through, checking its CRC; nothing is kept.  An int8 state's
+        absmax member (float32, its header already checked) must hold values >= 0 or NaN, as
+        load_state_dict requires."""
+        for name, info in self.members.items():
             with self.errors(), self.zip.open(info) as f:
-                while f.read(_CHUNK):
-                    pass
+                if not name.endswith(ABSMAX_SUFFIX) or name not in self.offsets:
+                    while f.read(_CHUNK):
+                        pass
+                    continue
+                f.read(self.offsets[name])
+                while True:
+                    chunk = f.read(_CHUNK)          # a multiple of 4 bytes
+                    if not chunk:
+                        break
+                    a = np.frombuffer(chunk, np.float32)
+                    if not np.all((a >= 0) | np.isnan(a)):
+                        raise ValueError(f"{self.where}: {name} must hold absmax values >= 0 "
+                                         "(NaN or +inf where a block went non-finite)")
 
     def read_into(self, name, out, start):
         """Elements [start, start + out.size) of member `name`'s data into `out` (1-D,

@@ -624,3 +624,35 @@ def test_ml_dtypes_bfloat16_views_when_installed():
     a = opt.state[0]["exp_avg"]
     assert a.dtype == ml_dtypes.bfloat16
     assert np.array_equal(a.astype(np.float32), opt.state_values()[0]["exp_avg"])
+
+
+def _rewritten(path, change):
+    with np.load(path, allow_pickle=False) as z:
+        members = {k: z[k] for k in z.files}
+    change(members)
+    np.savez(path, **members)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda m: m.update({"state/0/exp_avg_absmax": -m["state/0/exp_avg_absmax"] - 1}),
+     "state/0/exp_avg_absmax must hold absmax values >= 0"),
+    (lambda m: m.pop("state/0/exp_avg_absmax"), "exp_avg_absmax"),
+    (lambda m: m.update({"state/0/exp_avg": m["state/0/exp_avg"][:-1]}),
+     r"state/0/exp_avg has shape \(15, 256\), expected \(16, 256\)"),
+    (lambda m: m.update({"state/0/exp_avg": m["state/0/exp_avg"].astype(np.uint16)}),
+     r"\[.exp_avg.\] has dtype uint16, expected uint8"),
+    (lambda m: m.update({"state/0/exp_avg_sq": m["state/0/exp_avg_sq"].astype(np.float64)}),
+     "state/0/exp_avg_sq has dtype float64"),
+], ids=["negative absmax", "no absmax", "short codes", "bf16 bits for codes", "float64"])
+def test_hostile_int8_checkpoints_are_refused_and_change_nothing(tmp_path, change, match):
+    shapes = [(64, 64), (10,), (4096,)]
+    opt = steps(make(fastopt, "Adam", dict(state_dtype="int8"), shapes=shapes), 2)
+    path = tmp_path / "ck.npz"
+    opt.save(path)
+    _rewritten(path, change)
+    other = steps(make(fastopt, "Adam", dict(state_dtype="int8"), shapes=shapes, seed=3), 1)
+    snap = (other.flat_params.copy(), sbytes(other))
+    with pytest.raises(ValueError, match=match):
+        other.load(path)
+    assert_bitwise(other.flat_params, snap[0], "params")
+    assert sbytes(other) == snap[1]
