@@ -10,6 +10,8 @@ tests/test_optim.py bounds; an int8 code may flip on such a difference).
 """
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastopt
 import fastopt.reference as R
@@ -656,3 +658,39 @@ def test_hostile_int8_checkpoints_are_refused_and_change_nothing(tmp_path, chang
         other.load(path)
     assert_bitwise(other.flat_params, snap[0], "params")
     assert sbytes(other) == snap[1]
+
+
+# any float32 bit patterns (NaN payloads, infinities, denormals, signed zeros), in 1-3 blocks,
+# with a scale that keeps some blocks in one binade and spreads others over all of them
+_BITS = st.lists(st.integers(0, 2 ** 32 - 1), min_size=256, max_size=768).map(
+    lambda xs: np.array(xs[:len(xs) // 256 * 256], np.uint32))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=_BITS, narrow=st.booleans())
+def test_c_codecs_match_the_twins_on_any_bits(bits, narrow):
+    """The C codecs (through SGD's first momentum step, which stores the gradient) against
+    the twins on arbitrary float32 bit patterns, int8 and bfloat16 (nearest and stochastic)."""
+    g = bits.view(np.float32).copy()
+    if narrow:                                  # every element in [1, 3): codes of every cell
+        with np.errstate(invalid="ignore"):
+            g = (np.abs(g) % np.float32(2) + np.float32(1)) * np.sign(g)
+        g[~np.isfinite(g)] = 1.5
+    n = g.size
+    for kw in (dict(state_dtype="int8", min_8bit_size=256), dict(state_dtype="bfloat16"),
+               dict(state_dtype="bfloat16", state_rounding="stochastic", state_seed=7)):
+        opt = fastopt.SGD([np.zeros(n, np.float32)], lr=0.0, momentum=0.5, **kw)
+        opt.grads[0][...] = g
+        with np.errstate(all="ignore"):
+            opt.step()
+        entry = opt.state[0]
+        if kw["state_dtype"] == "int8":
+            codes, absmax = FM.quantize_int8(g, True)
+            assert np.array_equal(entry["momentum_buffer"].reshape(-1), codes)
+            assert_bitwise(entry["momentum_buffer_absmax"], absmax, "absmax")
+        else:
+            random16 = (FM.random_bits(7, 1, 0, np.arange(n, dtype=np.uint64))
+                        if "state_rounding" in kw else None)
+            want = FM.f32_to_bf16(g, random16)
+            got = FM.as_bf16_bits(entry["momentum_buffer"])
+            assert np.array_equal(got, want), np.flatnonzero(got != want)[:5]
