@@ -672,7 +672,7 @@ def test_c_codecs_match_the_twins_on_any_bits(bits, narrow):
     """The C codecs (through SGD's first momentum step, which stores the gradient) against
     the twins on arbitrary float32 bit patterns, int8 and bfloat16 (nearest and stochastic)."""
     g = bits.view(np.float32).copy()
-    if narrow:                                  # every element in [1, 3): codes of every cell
+    if narrow:                                  # every |element| in [1, 3): one block, many ties
         with np.errstate(invalid="ignore"):
             g = (np.abs(g) % np.float32(2) + np.float32(1)) * np.sign(g)
         g[~np.isfinite(g)] = 1.5
