@@ -110,14 +110,11 @@ def _cells(pos_thresholds):
     cell_of = (t_bits >> 16).astype(np.int64) - CELL_BASE
     assert cell_of.min() > 0 and cell_of.max() < NCELLS - 1
     assert np.all(np.diff(cell_of) > 0), "two thresholds share a cell"
-    cells = np.empty(NCELLS, np.uint32)
-    for c in range(NCELLS):
-        low = np.uint32((c + CELL_BASE) << 16)
-        below = int(np.count_nonzero(t_bits < low))
-        inside = np.flatnonzero(cell_of == c)
-        t17 = int(t_bits[inside[0]] & 0xFFFF) if inside.size else 0x10000
-        cells[c] = (below << 17) | t17
-    return cells
+    lows = (np.arange(NCELLS, dtype=np.uint32) + np.uint32(CELL_BASE)) << np.uint32(16)
+    below = np.searchsorted(t_bits, lows, side="left")   # thresholds < the cell's low end
+    t17 = np.full(NCELLS, 0x10000, np.uint32)
+    t17[cell_of] = t_bits & np.uint32(0xFFFF)
+    return (below.astype(np.uint32) << np.uint32(17)) | t17
 
 
 # signed: the magnitude's count of the thresholds above 0 (128 of them); unsigned: all 255
