@@ -238,7 +238,8 @@ class Optimizer(Generic[Views]):
 
     def state_values(self) -> Dict[int, Dict[str, F32]]:
         """`state` with every buffer as float32 values in its param's shape, whatever its
-        state_dtype (bfloat16 widened, int8 codes times their block's absmax): copies."""
+        state_dtype (bfloat16 widened, int8 codes times their block's absmax): copies.  Under
+        ZeRO it gathers the state: a collective, which every rank must call."""
         out = {}
         layout, arenas = self._full_state()
         for k, entry in self._collect_state(copy=None).items():
