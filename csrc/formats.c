@@ -184,6 +184,7 @@ FO_INLINE float int8_round(const float *restrict x, uint8_t *restrict codes, int
  * compares, one multiply.  The loops cover whole blocks (no scalar tail: a dead one only drew
  * GCC warnings). */
 typedef char fo_qblock_is_32s[FO_QBLOCK % 32 ? -1 : 1];
+typedef char fo_cells_reach_one[((0x3f800000 >> 16) - FO_CELL_BASE) < FO_NCELLS ? 1 : -1];
 #define FO_V3_INLINE FO_TARGET_X86_64_V3 static inline __attribute__((always_inline))
 
 /* The map lookup by eight scalar loads into one vector, not vgatherdps: on Zen 3 the gather
@@ -203,28 +204,35 @@ FO_TARGET_X86_64_V3 static void int8_widen_v3(const uint8_t *restrict codes, flo
     }
 }
 
-/* int8_code on 8 lanes (-> codes as int32 lanes, 0..255) */
+/* int8_code on 8 lanes (-> codes as int32 lanes, -1..255: -1 stands for 0) */
 FO_V3_INLINE __m256i int8_code_v3(__m256 x, __m256 mx, int is_signed,
                                   const uint32_t *restrict cells)
 {
     const __m256i u = _mm256_castps_si256(_mm256_div_ps(x, mx));
     const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
-    __m256i cell = _mm256_sub_epi32(_mm256_srli_epi32(mag, 16), _mm256_set1_epi32(FO_CELL_BASE));
-    cell = _mm256_max_epi32(cell, _mm256_setzero_si256());
-    cell = _mm256_min_epi32(cell, _mm256_set1_epi32(FO_NCELLS - 1));
+    /* the cell, clamped below at 0 by a saturating 16-bit subtract (mag >> 16 has its high
+     * half 0); never above the last, as |n| <= 1: |x| <= max |x| and the division is monotone */
+    const __m256i cell = _mm256_subs_epu16(_mm256_srli_epi32(mag, 16),
+                                           _mm256_set1_epi32(FO_CELL_BASE));
     /* here a gather and eight scalar loads measured the same: the gather is the shorter */
     const __m256i e = _mm256_i32gather_epi32((const int *)cells, cell, 4);
-    /* low <= 0xffff and t <= 0x10000: the signed compare is the unsigned one; above = -1 */
-    const __m256i above = _mm256_cmpgt_epi32(_mm256_and_si256(mag, _mm256_set1_epi32(0xffff)),
-                                             _mm256_and_si256(e, _mm256_set1_epi32(0x1ffff)));
-    const __m256i m = _mm256_sub_epi32(_mm256_srli_epi32(e, 17), above);
-    const __m256i neg = _mm256_srai_epi32(u, 31);                 /* -1 where the sign is set */
+    /* m = count + (low > t), t = e & 0x1ffff <= 0x10000: with e ^ 0x1ffff = count << 17 |
+     * (0x1ffff - t), adding low (<= 0xffff) carries into bit 17 exactly when low > t */
+    const __m256i m = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_xor_si256(e, _mm256_set1_epi32(0x1ffff)),
+                         _mm256_and_si256(mag, _mm256_set1_epi32(0xffff))), 17);
+    /* the sign chosen by blendv_ps on the sign bit of n; a code below 0 (127 - 128 for
+     * m = 128 on the negative side: -1's code is the map's first) is clamped to 0 by the
+     * caller's unsigned saturating pack */
+    const __m256 sign = _mm256_castsi256_ps(u);
     if (is_signed) {
         const __m256i zero = _mm256_set1_epi32(ZERO_CODE_SIGNED);
-        const __m256i below = _mm256_sub_epi32(zero, _mm256_min_epu32(m, zero));
-        return _mm256_blendv_epi8(_mm256_add_epi32(zero, m), below, neg);
+        return _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_add_epi32(zero, m)),
+                             _mm256_castsi256_ps(_mm256_sub_epi32(zero, m)), sign));
     }
-    return _mm256_andnot_si256(neg, m);
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(m),
+                                                _mm256_setzero_ps(), sign));
 }
 
 FO_V3_INLINE float int8_round_v3_(const float *restrict x, uint8_t *restrict codes,
