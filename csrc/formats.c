@@ -260,10 +260,16 @@ FO_V3_INLINE float int8_round_v3_(const float *restrict x, uint8_t *restrict cod
         _mm256_store_si256((__m256i *)(ubits + i), u);
         _mm256_store_si256((__m256i *)(entry + i), int8_cell_v3(u));
     }
-    for (size_t i = 0; i < FO_QBLOCK; i++) {
-        uint32_t k = entry[i];
-        __asm__("" : "+r"(k));        /* keeps GCC from making this loop a gather again */
-        entry[i] = cells[k];
+    for (size_t i = 0; i < FO_QBLOCK; i += 8) {
+        /* the cells two to a 64-bit load (the load ports are the limit here: 2.28 -> 2.19 ns
+         * an element), and hidden from GCC, which would make this loop a gather again */
+        uint64_t w[4];
+        memcpy(w, entry + i, sizeof w);
+        __asm__("" : "+r"(w[0]), "+r"(w[1]), "+r"(w[2]), "+r"(w[3]));
+        for (int q = 0; q < 4; q++) {
+            entry[i + 2 * q] = cells[(uint32_t)w[q]];
+            entry[i + 2 * q + 1] = cells[w[q] >> 32];
+        }
     }
     for (size_t i = 0; i < FO_QBLOCK; i += 32) {
 #define FO_CODE_AT_(o) int8_code_of_entry_v3(_mm256_load_si256((const __m256i *)(ubits + i + o)), \
