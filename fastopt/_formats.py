@@ -27,6 +27,8 @@ int8      1 byte an element plus a float32 absmax per block of 256: the blockwis
 
 Everything here is the reference the C kernels are tested against, bit for bit.
 """
+from typing import Optional
+
 import numpy as np
 
 FORMATS = ("float32", "bfloat16", "int8")
@@ -301,11 +303,12 @@ def format_name(fmt):
     return ("float32", "bfloat16", "bfloat16", "int8")[fmt]
 
 
-try:                                    # NumPy's bfloat16, when ml-dtypes is installed
+BFLOAT16: Optional[np.dtype] = None    # NumPy's bfloat16, when ml-dtypes is installed
+try:
     import ml_dtypes as _ml_dtypes  # type: ignore[import-not-found,unused-ignore]
     BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
 except ImportError:                     # pragma: no cover - depends on the environment
-    BFLOAT16 = None
+    pass
 
 
 def as_bf16_bits(a):
