@@ -1,7 +1,9 @@
 /*
- * Compressed optimizer state, written once for every family: a group whose state is bfloat16
- * or int8 is stepped tile by tile (FO_QBLOCK = 256 elements, one int8 block): each state
- * buffer the group uses is widened into a float32 tile on the stack (L1), the family's own
+ * Compressed optimizer state, written once for every family.  bfloat16 is read and written by
+ * the family's own loop, in registers (fo_state_get / fo_state_put in internal.h): one pass
+ * over the arenas, as for float32.  int8 needs a block's new absmax before its codes, so a group
+ * whose state is int8 is stepped tile by tile (FO_QBLOCK = 256 elements, one int8 block): each
+ * state buffer the group uses is widened into a float32 tile on the stack (L1), the family's
  * loop runs on the tiles exactly as on float32 arenas, and the tiles are rounded back, before
  * the next tile is read: one pass over memory.  The rules (fastopt/_formats.py has them in
  * words and as NumPy twins, which the tests hold these to bit for bit):
@@ -25,20 +27,6 @@
 
 #define ZERO_CODE_SIGNED 127u
 
-FO_INLINE uint32_t fo_bits(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, sizeof u);
-    return u;
-}
-
-FO_INLINE float fo_float(uint32_t u)
-{
-    float x;
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
 /* lowbias32, Chris Wellons' 32-bit integer hash */
 FO_INLINE uint32_t fo_mix32(uint32_t x)
 {
@@ -59,49 +47,6 @@ static uint32_t stream_key(uint64_t seed, int64_t step, unsigned buffer, uint32_
     for (int i = 0; i < 6; i++)
         h = fo_mix32(h ^ words[i]);
     return h;
-}
-
-FO_INLINE void bf16_widen(const uint16_t *restrict src, float *restrict dst, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        dst[i] = fo_float((uint32_t)src[i] << 16);
-}
-
-/* u + inc, truncated to its high half; a NaN instead keeps its high half with the quiet bit
- * set ((u | 0x400000) >> 16 == (u >> 16) | 0x40) */
-FO_INLINE uint16_t bf16_round(uint32_t u, uint32_t inc)
-{
-    const int nan = (u & 0x7fffffffU) > 0x7f800000U;
-    return (uint16_t)((nan ? u | 0x400000U : u + inc) >> 16);
-}
-
-FO_INLINE void bf16_nearest(const float *restrict src, uint16_t *restrict dst, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        const uint32_t u = fo_bits(src[i]);
-        dst[i] = bf16_round(u, 0x7fffU + (u >> 16 & 1U));
-    }
-}
-
-/* fo_mix32(x) >> 16: its last step (x ^= x >> 16) leaves the high 16 bits as they are, so it
- * is skipped here (two vector operations of nine) */
-FO_INLINE uint32_t fo_mix32_high16(uint32_t x)
-{
-    x ^= x >> 16;
-    x *= 0x7feb352dU;
-    x ^= x >> 15;
-    x *= 0x846ca68bU;
-    return x >> 16;
-}
-
-FO_INLINE void bf16_stochastic(const float *restrict src, uint16_t *restrict dst, size_t n,
-                               uint32_t key, uint32_t index_lo)
-{
-    /* the index as a 32-bit counter (it wraps as index_lo + i does): a size_t one made GCC
-     * compute it in 64-bit lanes and shuffle it down */
-    uint32_t index = index_lo;
-    for (size_t i = 0; i < n; i++, index++)
-        dst[i] = bf16_round(fo_bits(src[i]), fo_mix32_high16(key ^ index));
 }
 
 FO_INLINE void int8_widen(const uint8_t *restrict codes, float absmax,
@@ -284,76 +229,6 @@ FO_V3_INLINE float int8_round_v3_(const float *restrict x, uint8_t *restrict cod
     return mx;
 }
 
-/* The bfloat16 rounding with AVX2.  GCC vectorizes the loops above, but narrows the NaN test
- * and both candidates to 16 bits before choosing (three pack-and-permute sequences for one),
- * and computes the stochastic index in 64-bit lanes; here the choice is made on 32-bit lanes,
- * the NaN test is one unordered compare, and one pack and one permute narrow 16 results.
- * The same integer operations as bf16_round, so the same bits; the scalar code on the tail. */
-FO_V3_INLINE __m256i bf16_round_v3(__m256 x, __m256i inc)
-{
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    const __m256i r = _mm256_blendv_epi8(_mm256_add_epi32(u, inc),
-                                         _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
-    return _mm256_srli_epi32(r, 16);
-}
-
-/* 16 results (0..0xffff in 32-bit lanes) stored as 16-bit words, in order */
-FO_V3_INLINE void bf16_store16_v3(uint16_t *dst, __m256i lo, __m256i hi)
-{
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8);
-    _mm256_storeu_si256((__m256i *)dst, w);
-}
-
-FO_V3_INLINE __m256i bf16_nearest_inc_v3(__m256 x)
-{
-    const __m256i u = _mm256_castps_si256(x);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    return _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
-}
-
-FO_TARGET_X86_64_V3 static void bf16_nearest_v3(const float *restrict src,
-                                                uint16_t *restrict dst, size_t n)
-{
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m256 a = _mm256_loadu_ps(src + i), b = _mm256_loadu_ps(src + i + 8);
-        bf16_store16_v3(dst + i, bf16_round_v3(a, bf16_nearest_inc_v3(a)),
-                        bf16_round_v3(b, bf16_nearest_inc_v3(b)));
-    }
-    bf16_nearest(src + i, dst + i, n - i);
-}
-
-FO_V3_INLINE __m256i mix32_high16_v3(__m256i x)
-{
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x7feb352dU));
-    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846ca68bU));
-    return _mm256_srli_epi32(x, 16);
-}
-
-FO_TARGET_X86_64_V3 static void bf16_stochastic_v3(const float *restrict src,
-                                                   uint16_t *restrict dst, size_t n,
-                                                   uint32_t key, uint32_t index_lo)
-{
-    const __m256i k = _mm256_set1_epi32((int)key);
-    /* the lanes' indices, wrapping modulo 2^32 as the scalar code's do */
-    __m256i index = _mm256_add_epi32(_mm256_set1_epi32((int)index_lo),
-                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i eight = _mm256_set1_epi32(8);
-    size_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m256i ra = mix32_high16_v3(_mm256_xor_si256(k, index));
-        index = _mm256_add_epi32(index, eight);
-        const __m256i rb = mix32_high16_v3(_mm256_xor_si256(k, index));
-        index = _mm256_add_epi32(index, eight);
-        bf16_store16_v3(dst + i, bf16_round_v3(_mm256_loadu_ps(src + i), ra),
-                        bf16_round_v3(_mm256_loadu_ps(src + i + 8), rb));
-    }
-    bf16_stochastic(src + i, dst + i, n - i, key, index_lo + (uint32_t)i);
-}
-
 /* the signedness a constant in each loop (GCC did not unswitch it) */
 FO_TARGET_X86_64_V3 static float int8_round_v3(const float *restrict x, uint8_t *restrict codes,
                                                int is_signed, const uint32_t *restrict cells)
@@ -362,88 +237,48 @@ FO_TARGET_X86_64_V3 static float int8_round_v3(const float *restrict x, uint8_t 
 }
 #endif
 
-/* The tile loop at one ISA: the codecs above inline into it. */
+/* The int8 tile loop at one ISA: the codecs above inline into it.  The group's range is on
+ * whole blocks (fo_group), so every tile is one. */
 FO_INLINE void tiles_body(const fo_call *c, const fo_group *g, size_t lo, size_t hi,
                           unsigned used, fo_body_fn body, const void *scalars, unsigned modes,
                           const int avx2)
 {
     (void)avx2;
     const fo_state *st = c->state;
+    const fo_stream none = {{0, 0, 0}, 0};
     float tile[FO_MAX_BUFFERS][FO_QBLOCK];
     size_t j = g->state_start + (lo - g->start);       /* the state element of `lo` */
-    const uint64_t index0 = st->index_base + lo;
-    uint32_t keys[FO_MAX_BUFFERS] = {0, 0, 0};
-    uint32_t key_hi = 0;
-    int have_keys = 0;
     for (size_t t = lo; t < hi; t += FO_QBLOCK, j += FO_QBLOCK) {
-        const size_t n = hi - t < FO_QBLOCK ? hi - t : FO_QBLOCK;
         float *b[FO_MAX_BUFFERS] = {NULL, NULL, NULL};
         for (unsigned k = 0; k < FO_MAX_BUFFERS; k++) {
             if (!(used >> k & 1u))
                 continue;
             b[k] = tile[k];
-            if (g->format == FO_FMT_INT8) {
-                const uint8_t *codes = st->codes[k] + j;
-                const float absmax = st->absmax[k][j / FO_QBLOCK];
-                const float *map = st->maps + 256 * (st->signed_mask >> k & 1u);
+            const uint8_t *codes = st->codes[k] + j;
+            const float absmax = st->absmax[k][j / FO_QBLOCK];
+            const float *map = st->maps + 256 * (st->signed_mask >> k & 1u);
 #if FO_HAVE_X86_64
-                if (avx2)
-                    int8_widen_v3(codes, absmax, map, tile[k]);
-                else
+            if (avx2)
+                int8_widen_v3(codes, absmax, map, tile[k]);
+            else
 #endif
-                    int8_widen(codes, absmax, map, tile[k]);
-            } else
-                bf16_widen(st->bf16[k] + j, tile[k], n);
+                int8_widen(codes, absmax, map, tile[k]);
         }
-        body(c->param + t, c->grad + t, b[0], b[1], b[2], n, scalars, modes);
+        body(c->param + t, c->grad + t, b[0], b[1], b[2], FO_QBLOCK, scalars, modes,
+             FO_FMT_F32, none);
         for (unsigned k = 0; k < FO_MAX_BUFFERS; k++) {
             if (!(used >> k & 1u))
                 continue;
-            if (g->format == FO_FMT_INT8) {
-                const unsigned sg = st->signed_mask >> k & 1u;
-                uint8_t *codes = st->codes[k] + j;
-                const uint32_t *cells = st->cells + FO_NCELLS * sg;
-                float *absmax = &st->absmax[k][j / FO_QBLOCK];
+            const unsigned sg = st->signed_mask >> k & 1u;
+            uint8_t *codes = st->codes[k] + j;
+            const uint32_t *cells = st->cells + FO_NCELLS * sg;
+            float *absmax = &st->absmax[k][j / FO_QBLOCK];
 #if FO_HAVE_X86_64
-                if (avx2)
-                    *absmax = int8_round_v3(tile[k], codes, (int)sg, cells);
-                else
+            if (avx2)
+                *absmax = int8_round_v3(tile[k], codes, (int)sg, cells);
+            else
 #endif
-                    *absmax = int8_round(tile[k], codes, (int)sg, cells);
-            } else if (g->format == FO_FMT_BF16) {
-#if FO_HAVE_X86_64
-                if (avx2)
-                    bf16_nearest_v3(tile[k], st->bf16[k] + j, n);
-                else
-#endif
-                    bf16_nearest(tile[k], st->bf16[k] + j, n);
-            } else {
-                /* the random stream of an element is fixed by its arena index: a tile that
-                 * crosses a multiple of 2^32 takes two keys */
-                const uint64_t first = index0 + (t - lo);
-                size_t done = 0;
-                while (done < n) {
-                    const uint64_t at = first + done;
-                    const uint32_t hi32 = (uint32_t)(at >> 32), lo32 = (uint32_t)at;
-                    if (!have_keys || hi32 != key_hi) {
-                        for (unsigned q = 0; q < FO_MAX_BUFFERS; q++)
-                            keys[q] = stream_key(g->seed, g->step, q, hi32);
-                        key_hi = hi32;
-                        have_keys = 1;
-                    }
-                    const uint64_t room = ((uint64_t)1 << 32) - lo32;
-                    const size_t part = (uint64_t)(n - done) < room ? n - done : (size_t)room;
-#if FO_HAVE_X86_64
-                    if (avx2)
-                        bf16_stochastic_v3(tile[k] + done, st->bf16[k] + j + done, part,
-                                           keys[k], lo32);
-                    else
-#endif
-                        bf16_stochastic(tile[k] + done, st->bf16[k] + j + done, part,
-                                        keys[k], lo32);
-                    done += part;
-                }
-            }
+                *absmax = int8_round(tile[k], codes, (int)sg, cells);
         }
     }
 }
@@ -470,15 +305,46 @@ FO_TARGET_X86_64_V4 static void tiles_x86_64_v4(const fo_call *c, const fo_group
 }
 #endif
 
-void fo_tiles(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigned used,
+void fo_range(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigned used,
               fo_body_fn body, const void *scalars, unsigned modes)
 {
+    const fo_state *st = c->state;
+    const int fmt = g->format;
+    if (fmt == FO_FMT_INT8) {
 #if FO_HAVE_X86_64
-    switch (c->isa) {
-    case FO_ISA_X86_64_V4: tiles_x86_64_v4(c, g, lo, hi, used, body, scalars, modes); return;
-    case FO_ISA_X86_64_V3: tiles_x86_64_v3(c, g, lo, hi, used, body, scalars, modes); return;
-    default: break;
-    }
+        switch (c->isa) {
+        case FO_ISA_X86_64_V4: tiles_x86_64_v4(c, g, lo, hi, used, body, scalars, modes); return;
+        case FO_ISA_X86_64_V3: tiles_x86_64_v3(c, g, lo, hi, used, body, scalars, modes); return;
+        default: break;
+        }
 #endif
-    tiles_baseline(c, g, lo, hi, used, body, scalars, modes);
+        tiles_baseline(c, g, lo, hi, used, body, scalars, modes);
+        return;
+    }
+    const size_t at = g->state_start + (lo - g->start);   /* the state element of `lo` */
+    void *b[FO_MAX_BUFFERS];
+    for (unsigned k = 0; k < FO_MAX_BUFFERS; k++)
+        b[k] = !(used >> k & 1u) ? NULL
+               : fmt == FO_FMT_F32 ? (void *)(st->f32[k] + at) : (void *)(st->bf16[k] + at);
+    fo_stream sr = {{0, 0, 0}, 0};
+    if (fmt != FO_FMT_BF16_SR) {
+        body(c->param + lo, c->grad + lo, b[0], b[1], b[2], hi - lo, scalars, modes, fmt, sr);
+        return;
+    }
+    /* the random stream of an element is fixed by its arena index: a range that crosses a
+     * multiple of 2^32 is stepped in parts, each with its keys */
+    for (size_t t = lo; t < hi;) {
+        const uint64_t index = st->index_base + t;
+        const uint32_t hi32 = (uint32_t)(index >> 32), lo32 = (uint32_t)index;
+        const uint64_t room = ((uint64_t)1 << 32) - lo32;
+        const size_t part = (uint64_t)(hi - t) < room ? hi - t : (size_t)room;
+        for (unsigned q = 0; q < FO_MAX_BUFFERS; q++)
+            sr.key[q] = stream_key(g->seed, g->step, q, hi32);
+        sr.index = lo32;
+        uint16_t *p[FO_MAX_BUFFERS];
+        for (unsigned k = 0; k < FO_MAX_BUFFERS; k++)
+            p[k] = b[k] ? (uint16_t *)b[k] + (t - lo) : NULL;
+        body(c->param + t, c->grad + t, p[0], p[1], p[2], part, scalars, modes, fmt, sr);
+        t += part;
+    }
 }

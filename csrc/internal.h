@@ -136,14 +136,84 @@ typedef struct {
     const fo_grad_opts *opts;
 } fo_call;
 
-/* A family's loop at one ISA, as the state formats call it on a tile of float32 state. */
-typedef void (*fo_body_fn)(float *param, float *grad, float *s0, float *s1, float *s2, size_t n,
-                           const void *scalars, unsigned modes);
+/* How a family's loop reads and writes its state, chosen per instantiation (`fmt` is a
+ * constant in each, so the tests cost nothing): float32, or bfloat16 bits widened on load and
+ * rounded on store in registers, as one pass over the arena (csrc/formats.c and
+ * fastopt/_formats.py state the rules; the tests hold these to the NumPy twins bit for bit).
+ * int8 state goes through float32 tiles instead (fo_range), and the loop sees FO_FMT_F32. */
+typedef struct {
+    uint32_t key[FO_MAX_BUFFERS];   /* FO_FMT_BF16_SR: each buffer's random stream */
+    uint32_t index;                 /* the low 32 bits of element 0's arena index */
+} fo_stream;
 
-/* Group `g`'s range [lo, hi) when its state is stored in a compressed format (csrc/formats.c):
- * tile by tile (FO_QBLOCK elements), the used buffers widened into float32 tiles, `body`
- * run on them, and the tiles rounded back, in one pass. */
-void fo_tiles(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigned used,
+FO_INLINE uint32_t fo_bits(float x)
+{
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+FO_INLINE float fo_float(uint32_t u)
+{
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+/* lowbias32 (Chris Wellons' 32-bit integer hash) >> 16: its last step (x ^= x >> 16) leaves the
+ * high 16 bits as they are, so it is skipped */
+FO_INLINE uint32_t fo_mix32_high16(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    return x >> 16;
+}
+
+FO_INLINE float fo_state_get(const void *restrict s, size_t i, int fmt)
+{
+    if (fmt == FO_FMT_BF16 || fmt == FO_FMT_BF16_SR)
+        return fo_float((uint32_t)((const uint16_t *)s)[i] << 16);
+    return ((const float *)s)[i];
+}
+
+/* bfloat16: (u + inc) >> 16, inc = 0x7fff + the kept lsb (nearest, ties to even) or the high
+ * 16 bits of a hash of (key, index) (stochastic); a NaN keeps its high half with the quiet bit
+ * set ((u | 0x400000) >> 16).  GCC narrows an arithmetic shift with one signed pack, where a
+ * logical one costs a mask more (Adam, bf16 state, in cache: 1.06 -> 0.76 ns an element); the
+ * low 16 bits are the same. */
+FO_INLINE void fo_state_put(void *restrict s, size_t i, float x, int fmt, uint32_t key,
+                            uint32_t index)
+{
+    if (fmt != FO_FMT_BF16 && fmt != FO_FMT_BF16_SR) {
+        ((float *)s)[i] = x;
+        return;
+    }
+    const uint32_t u = fo_bits(x);
+    const uint32_t inc = fmt == FO_FMT_BF16 ? 0x7fffU + (u >> 16 & 1U)
+                                            : fo_mix32_high16(key ^ (index + (uint32_t)i));
+    const uint32_t r = x != x ? u | 0x400000U : u + inc;
+#if FO_GNU
+    ((uint16_t *)s)[i] = (uint16_t)((int32_t)r >> 16);   /* GCC: modulo, arithmetic shift */
+#else
+    ((uint16_t *)s)[i] = (uint16_t)(r >> 16);
+#endif
+}
+
+/* In a family's body: state buffer k's element i, read and written in the body's format. */
+#define FO_GET(k, i) fo_state_get(s##k, (i), fmt)
+#define FO_PUT(k, i, x) fo_state_put(s##k, (i), (x), fmt, sr.key[k], sr.index)
+
+/* A family's loop at one ISA, with its scalars untyped: what fo_range calls. */
+typedef void (*fo_body_fn)(float *param, float *grad, void *s0, void *s1, void *s2, size_t n,
+                           const void *scalars, unsigned modes, int fmt, fo_stream sr);
+
+/* Group `g`'s range [lo, hi), whatever its state format: float32 and bfloat16 by `body` over
+ * the arenas (a stochastic range cut where the arena index crosses a multiple of 2^32, each
+ * part with its own keys); int8 tile by tile (FO_QBLOCK elements), the used buffers widened
+ * into float32 tiles, `body` run on them, and the tiles rounded back, in one pass. */
+void fo_range(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigned used,
               fo_body_fn body, const void *scalars, unsigned modes);
 
 /* ---- declaring a family ----------------------------------------------------------------
@@ -161,7 +231,9 @@ void fo_tiles(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigne
  *   FO_FAMILY(NAME, NMODES)                 NMODES = 2, 4, 8, 16 or 32 (with FO_ZERO_GRAD)
  *
  * The body's buffer arguments s0, s1, s2 are the state buffers in NAME_buffers' order
- * (NULL where unused); `modes` is a compile-time constant in each instantiation.
+ * (NULL where unused), read as FO_GET(k, i) and written as FO_PUT(k, i, x) (the body computes
+ * with float32 values; only what it stores takes the state's format); `modes` and `fmt` are
+ * compile-time constants in each instantiation.
  */
 #define FO_FIELD_MEMBER(type, name) type name;
 #define FO_TYPE_double FO_F64
@@ -174,52 +246,48 @@ void fo_tiles(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigne
     static const fo_field NAME##_fields[] = { FIELDS(FO_FIELD_ENTRY) };
 
 #define FO_BODY_ARGS(NAME)                                                                \
-    float *restrict param, float *restrict grad, float *restrict s0, float *restrict s1,  \
-    float *restrict s2, size_t n, const NAME##_scalars *s, const unsigned modes
+    float *restrict param, float *restrict grad, void *restrict s0, void *restrict s1,    \
+    void *restrict s2, size_t n, const NAME##_scalars *s, const unsigned modes,           \
+    const int fmt, const fo_stream sr
 
-#define FO_CASE_(NAME, m) case m: NAME##_body(param, grad, s0, s1, s2, n, s, m); break;
-#define FO_CASES_2(NAME, b) FO_CASE_(NAME, b) FO_CASE_(NAME, b + 1)
-#define FO_CASES_4(NAME, b) FO_CASES_2(NAME, b) FO_CASES_2(NAME, b + 2)
-#define FO_CASES_8(NAME, b) FO_CASES_4(NAME, b) FO_CASES_4(NAME, b + 4)
-#define FO_CASES_16(NAME, b) FO_CASES_8(NAME, b) FO_CASES_8(NAME, b + 8)
-#define FO_CASES_32(NAME, b) FO_CASES_16(NAME, b) FO_CASES_16(NAME, b + 16)
-#define FO_INST_ARGS(NAME)                                                                \
-    float *restrict param, float *restrict grad, float *restrict s0, float *restrict s1,  \
-    float *restrict s2, size_t n, const NAME##_scalars *s, unsigned modes
-/* modes < NMODES by construction (prepare's bits and FO_ZERO_GRAD) */
-#define FO_SELECT_(NAME, NMODES) switch (modes) { FO_CASES_##NMODES(NAME, 0) default: break; }
-
-/* the loop at one ISA with the scalars untyped, for fo_tiles */
-#define FO_TILE_FN_(NAME, ISA)                                                            \
-    static void NAME##_tile_##ISA(float *param, float *grad, float *s0, float *s1,        \
-                                  float *s2, size_t n, const void *s, unsigned modes)     \
-    { NAME##_##ISA(param, grad, s0, s1, s2, n, (const NAME##_scalars *)s, modes); }
+#define FO_CASE_(NAME, f, m)                                                              \
+    case m: NAME##_body(param, grad, s0, s1, s2, n, s, m, f, sr); break;
+#define FO_CASES_2(NAME, f, b) FO_CASE_(NAME, f, b) FO_CASE_(NAME, f, b + 1)
+#define FO_CASES_4(NAME, f, b) FO_CASES_2(NAME, f, b) FO_CASES_2(NAME, f, b + 2)
+#define FO_CASES_8(NAME, f, b) FO_CASES_4(NAME, f, b) FO_CASES_4(NAME, f, b + 4)
+#define FO_CASES_16(NAME, f, b) FO_CASES_8(NAME, f, b) FO_CASES_8(NAME, f, b + 8)
+#define FO_CASES_32(NAME, f, b) FO_CASES_16(NAME, f, b) FO_CASES_16(NAME, f, b + 16)
+#define FO_INST_ARGS                                                                      \
+    float *restrict param, float *restrict grad, void *restrict s0, void *restrict s1,    \
+    void *restrict s2, size_t n, const void *scalars, unsigned modes, int fmt, fo_stream sr
+/* modes < NMODES by construction (prepare's bits and FO_ZERO_GRAD); int8 tiles come as
+ * float32 */
+#define FO_MODES_(NAME, NMODES, f)                                                        \
+    switch (modes) { FO_CASES_##NMODES(NAME, f, 0) default: break; }
+#define FO_SELECT_(NAME, NMODES)                                                          \
+    const NAME##_scalars *s = scalars;                                                    \
+    switch (fmt) {                                                                        \
+    case FO_FMT_BF16: FO_MODES_(NAME, NMODES, FO_FMT_BF16) break;                         \
+    case FO_FMT_BF16_SR: FO_MODES_(NAME, NMODES, FO_FMT_BF16_SR) break;                   \
+    default: FO_MODES_(NAME, NMODES, FO_FMT_F32) break;                                   \
+    }
 
 #if FO_HAVE_X86_64
 #define FO_ISA_VARIANTS_(NAME, NMODES)                                                    \
-    FO_TARGET_X86_64_V3 static void NAME##_x86_64_v3(FO_INST_ARGS(NAME))                  \
+    FO_TARGET_X86_64_V3 static void NAME##_x86_64_v3(FO_INST_ARGS)                        \
     { FO_SELECT_(NAME, NMODES) }                                                          \
-    FO_TARGET_X86_64_V4 static void NAME##_x86_64_v4(FO_INST_ARGS(NAME))                  \
-    { FO_SELECT_(NAME, NMODES) }                                                          \
-    FO_TILE_FN_(NAME, x86_64_v3) FO_TILE_FN_(NAME, x86_64_v4)
-#define FO_TILE_SELECT_(NAME, isa)                                                        \
-    ((isa) == FO_ISA_X86_64_V4 ? NAME##_tile_x86_64_v4                                    \
-     : (isa) == FO_ISA_X86_64_V3 ? NAME##_tile_x86_64_v3 : NAME##_tile_baseline)
-#define FO_ISA_DISPATCH_(NAME, isa, ...)                                                  \
-    switch (isa) {                                                                        \
-    case FO_ISA_X86_64_V4: NAME##_x86_64_v4(__VA_ARGS__); return;                         \
-    case FO_ISA_X86_64_V3: NAME##_x86_64_v3(__VA_ARGS__); return;                         \
-    default: NAME##_baseline(__VA_ARGS__); return;                                        \
-    }
+    FO_TARGET_X86_64_V4 static void NAME##_x86_64_v4(FO_INST_ARGS)                        \
+    { FO_SELECT_(NAME, NMODES) }
+#define FO_ISA_SELECT_(NAME, isa)                                                         \
+    ((isa) == FO_ISA_X86_64_V4 ? NAME##_x86_64_v4                                         \
+     : (isa) == FO_ISA_X86_64_V3 ? NAME##_x86_64_v3 : NAME##_baseline)
 #else
 #define FO_ISA_VARIANTS_(NAME, NMODES)
-#define FO_ISA_DISPATCH_(NAME, isa, ...) NAME##_baseline(__VA_ARGS__);
-#define FO_TILE_SELECT_(NAME, isa) NAME##_tile_baseline
+#define FO_ISA_SELECT_(NAME, isa) NAME##_baseline
 #endif
 
 #define FO_FAMILY(NAME, NMODES)                                                           \
-    static void NAME##_baseline(FO_INST_ARGS(NAME)) { FO_SELECT_(NAME, NMODES) }          \
-    FO_TILE_FN_(NAME, baseline)                                                           \
+    static void NAME##_baseline(FO_INST_ARGS) { FO_SELECT_(NAME, NMODES) }                \
     FO_ISA_VARIANTS_(NAME, NMODES)                                                        \
     static void NAME##_range(const void *call, const void *group, size_t lo, size_t hi)    \
     {                                                                                     \
@@ -229,17 +297,8 @@ void fo_tiles(const fo_call *c, const fo_group *g, size_t lo, size_t hi, unsigne
         NAME##_scalars s;                                                                 \
         const unsigned modes = NAME##_prepare(&s, hp, grp->step, c->opts)                 \
                                | (c->opts->zero_grad ? FO_ZERO_GRAD : 0u);                \
-        const unsigned used = NAME##_needs(hp);                                           \
-        if (grp->format != FO_FMT_F32) {                                                  \
-            fo_tiles(c, grp, lo, hi, used, FO_TILE_SELECT_(NAME, c->isa), &s, modes);     \
-            return;                                                                       \
-        }                                                                                 \
-        const size_t at = grp->state_start + (lo - grp->start);                           \
-        float *b[FO_MAX_BUFFERS];                                                         \
-        for (int k = 0; k < FO_MAX_BUFFERS; k++)                                          \
-            b[k] = (used >> k & 1u) ? c->state->f32[k] + at : NULL;                       \
-        FO_ISA_DISPATCH_(NAME, c->isa, c->param + lo, c->grad + lo, b[0], b[1], b[2],     \
-                         hi - lo, &s, modes)                                              \
+        fo_range(c, grp, lo, hi, NAME##_needs(hp), FO_ISA_SELECT_(NAME, c->isa), &s,      \
+                 modes);                                                                  \
     }                                                                                     \
     static unsigned NAME##_needs_any(const void *hp) { return NAME##_needs(hp); }         \
     /* the scalars struct is read as float32 words: it must be nothing else */            \

@@ -1,8 +1,9 @@
 """Compressed optimizer state: the formats, their rounding rules and their NumPy twins.
 
-A param group's `state_dtype` chooses how its state buffers are stored; the kernels widen a
-tile of 256 elements to float32 (in L1), run the family's unchanged float32 update on it and
-round it back, in the same pass (csrc/formats.h).  The formats:
+A param group's `state_dtype` chooses how its state buffers are stored; the kernels widen it
+to float32, run the family's unchanged float32 update and round it back, in the same pass:
+bfloat16 in registers, as the family's loop loads and stores it (csrc/internal.h), int8 a
+block of 256 at a time through float32 tiles in L1 (csrc/formats.c).  The formats:
 
 float32   as before: 4 bytes an element.
 bfloat16  2 bytes: the float32's top half (uint16 bit patterns; `ml_dtypes.bfloat16` views

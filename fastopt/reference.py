@@ -407,7 +407,8 @@ clip_grad_value_ = _clip.clip_grad_value_
 class Stepper:
     """fastopt._core.Stepper's interface in Python: one twin call per segment.  A segment
     whose state is compressed is widened to float32 (fastopt._formats' twins of the C
-    codecs), stepped by the family's twin and rounded back, block by block as C does."""
+    codecs), stepped by the family's twin and rounded back: the formats round element by
+    element, or (int8) block by block, so a whole segment at once gives C's bits."""
 
     def __init__(self, family, param, grad, ranges, records, segments=None, signed_mask=0,
                  index_base=0):

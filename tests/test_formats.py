@@ -371,6 +371,20 @@ CLASS_CASES = [(name, fmt) for name in CLASS_CONFIGS for fmt in FORMAT_OPTIONS]
 FORMAT_FULL_STATE = {**FULL_STATE, "RMSprop": dict(momentum=0.5)}
 
 
+def every_path(threads):
+    """Each ISA path here with 1 and then 2 threads, set in turn as (isa, threads) is yielded;
+    the ISA is restored after (the fixture restores the threads)."""
+    before = _core.get_isa()
+    try:
+        for isa in _core.available_isas():
+            _core.set_isa(isa)
+            for nt in (1, 2):
+                threads(nt, min_per_thread=1)
+                yield isa, nt
+    finally:
+        _core.set_isa(before)
+
+
 @pytest.mark.parametrize("name,fmt", CLASS_CASES, ids=[f"{n}-{f}" for n, f in CLASS_CASES])
 def test_kernels_match_their_twins_bitwise(twin, threads, name, fmt):
     cls, kwargs = CLASS_CONFIGS[name]
@@ -382,16 +396,51 @@ def test_kernels_match_their_twins_bitwise(twin, threads, name, fmt):
     want = steps(make(twin, cls, kwargs), 6)
     held = sbytes(want)
     assert not held or any(any(b) for b in held.values())
-    before = _core.get_isa()
-    try:
-        for isa in _core.available_isas():
-            _core.set_isa(isa)
-            for nt in (1, 2):
-                threads(nt, min_per_thread=1)
-                got = steps(make(fastopt, cls, kwargs), 6)
-                same_run(got, want, f"{isa}, {nt} threads")
-    finally:
-        _core.set_isa(before)
+    for isa, nt in every_path(threads):
+        got = steps(make(fastopt, cls, kwargs), 6)
+        same_run(got, want, f"{isa}, {nt} threads")
+
+
+@pytest.mark.parametrize("fmt", [FM.FMT_BF16, FM.FMT_BF16_SR])
+def test_a_range_across_a_multiple_of_2_32_matches_its_twin(twin, threads, fmt):
+    """Stochastic rounding draws from a key of the element's arena index's high 32 bits: an
+    arena (a ZeRO shard, say) that starts 300 elements below 2**32 is stepped in two parts,
+    each with its keys, on every path and with 1 and 2 threads.  Adam's two buffers draw from
+    two streams; nearest rounding is the control."""
+    n, base = 1000, 2 ** 32 - 300
+    fields = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=1,
+                  amsgrad=0, maximize=0)
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    g0 = rng.standard_normal(n).astype(np.float32)
+
+    def run(module):
+        param, grad = p0.copy(), g0.copy()
+        rec = np.zeros(1, FAMILIES["adam"].dtype)
+        stepper = module.Stepper("adam", param, grad, [(0, n)], rec,
+                                 segments=[(0, 0, n, fmt, 0)], index_base=base)
+        stepper.set_fields(0, fields)
+        stepper.set_seed(0, 99)
+        bufs = {k: np.zeros(n, np.uint16) for k in ("exp_avg", "exp_avg_sq")}
+        for k, b in bufs.items():
+            stepper.set_buffer(k, b, fmt)
+        for t in range(3):
+            stepper.run([t])
+        return param, bufs
+
+    want_p, want = run(twin)
+    assert not np.array_equal(want["exp_avg"], want["exp_avg_sq"])
+    for isa, nt in every_path(threads):
+        got_p, got = run(_core)
+        assert_bitwise(got_p, want_p, f"param, {isa}, {nt} threads")
+        for k in want:
+            assert np.array_equal(got[k], want[k]), (k, isa, nt)
+    if fmt == FM.FMT_BF16_SR:       # the keys do change at 2**32: one key would differ
+        one_key = FM.random_bits(99, 1, 0, np.arange(n, dtype=np.uint64) + np.uint64(base))
+        other = FM.random_bits(99, 1, 0, (np.arange(n, dtype=np.uint64) + np.uint64(base))
+                               % np.uint64(2 ** 32))
+        assert np.array_equal(one_key[:300], other[:300])
+        assert not np.array_equal(one_key[300:], other[300:])
 
 
 @pytest.mark.parametrize("fmt", list(FORMAT_OPTIONS))

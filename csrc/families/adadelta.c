@@ -62,12 +62,12 @@ FO_INLINE void adadelta_body(FO_BODY_ARGS(adadelta))
         float g = fo_read_grad(grad, i, grad_factor, modes);
         if (modes & ADADELTA_L2)
             g = fmaf(p, weight_decay, g);
-        const float sa = fmaf(one_minus_rho * g, g, s0[i] * rho);
-        s0[i] = sa;
+        const float sa = fmaf(one_minus_rho * g, g, FO_GET(0, i) * rho);
+        FO_PUT(0, i, sa);
         const float std = sqrtf(sa + eps);
-        const float ad_old = s1[i];
+        const float ad_old = FO_GET(1, i);
         const float delta = (sqrtf(ad_old + eps) / std) * g;
-        s1[i] = fmaf(one_minus_rho * delta, delta, ad_old * rho);
+        FO_PUT(1, i, fmaf(one_minus_rho * delta, delta, ad_old * rho));
         param[i] = fmaf(delta, neg_lr, p);
     }
 }

@@ -61,8 +61,8 @@ FO_INLINE void adagrad_body(FO_BODY_ARGS(adagrad))
         float g = fo_read_grad(grad, i, grad_factor, modes);
         if (modes & ADAGRAD_L2)
             g = fmaf(p, weight_decay, g);
-        const float sum = fmaf(g, g, s0[i]);
-        s0[i] = sum;
+        const float sum = fmaf(g, g, FO_GET(0, i));
+        FO_PUT(0, i, sum);
         const float std = sqrtf(sum) + eps;
         param[i] = p - (clr * g) / std;
     }

@@ -62,19 +62,19 @@ FO_INLINE void adam_body(FO_BODY_ARGS(adam))
     const fo_moments moments = s->moments;
     for (size_t i = 0; i < n; i++) {
         const float g = fo_read_grad(grad, i, grad_factor, modes);
-        const fo_moments_out o = fo_moments_apply(moments, modes & ADAM_L2, g, param[i], s0[i],
-                                                  s1[i]);
+        const fo_moments_out o = fo_moments_apply(moments, modes & ADAM_L2, g, param[i],
+                                                  FO_GET(0, i), FO_GET(1, i));
         const float m = o.m;
         float v = o.v;
-        s0[i] = m;
-        s1[i] = v;
+        FO_PUT(0, i, m);
+        FO_PUT(1, i, v);
         if (modes & ADAM_AMSGRAD) {
             /* torch's maximum: a NaN in either operand propagates (written as two selects so
              * that the loop stays branch-free and vectorizes) */
-            const float vmax = s2[i];
+            const float vmax = FO_GET(2, i);
             v = vmax > v ? vmax : v;       /* v if v is NaN */
             v = vmax != vmax ? vmax : v;   /* vmax if vmax is NaN */
-            s2[i] = v;
+            FO_PUT(2, i, v);
         }
         const float denom = sqrtf(v) / bc2_sqrt + eps;
         param[i] = o.p + (neg_step_size * m) / denom;   /* o.p: decayed only by AdamW */

@@ -64,14 +64,14 @@ FO_INLINE void adamax_body(FO_BODY_ARGS(adamax))
         float g = fo_read_grad(grad, i, grad_factor, modes);
         if (modes & ADAMAX_L2)
             g = fmaf(p, weight_decay, g);
-        const float m_old = s0[i];
+        const float m_old = FO_GET(0, i);
         const float m = fo_lerp_apply(lerp, m_old, g);
-        s0[i] = m;
+        FO_PUT(0, i, m);
         /* torch.maximum, NaN-propagating, as two selects so the loop stays branch-free */
-        const float a = s1[i] * beta2, b = fabsf(g) + eps;
+        const float a = FO_GET(1, i) * beta2, b = fabsf(g) + eps;
         float u = a > b ? a : b;   /* b if b is NaN */
         u = a != a ? a : u;        /* a if a is NaN */
-        s1[i] = u;
+        FO_PUT(1, i, u);
         param[i] = p + (neg_clr * m) / u;
     }
 }

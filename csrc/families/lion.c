@@ -62,14 +62,14 @@ FO_INLINE void lion_body(FO_BODY_ARGS(lion))
     (void)s2;
     for (size_t i = 0; i < n; i++) {
         const float g = fo_read_grad(grad, i, grad_factor, modes);
-        const float m = s0[i];
+        const float m = FO_GET(0, i);
         const float c = m * beta1 + g * one_minus_beta1;
         /* selects, not branches, so that the loop vectorizes */
         float sign = c > 0.0f ? 1.0f : 0.0f;
         sign = c < 0.0f ? -1.0f : sign;
         sign = c != c ? c : sign;
         param[i] = param[i] * decay + sign * neg_lr;
-        s0[i] = fmaf(g, one_minus_beta2, m * beta2);
+        FO_PUT(0, i, fmaf(g, one_minus_beta2, m * beta2));
     }
 }
 

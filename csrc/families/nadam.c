@@ -80,10 +80,10 @@ FO_INLINE void nadam_body(FO_BODY_ARGS(nadam))
     for (size_t i = 0; i < n; i++) {
         const fo_moments_out o = fo_moments_apply(moments, modes & NADAM_L2,
                                                   fo_read_grad(grad, i, grad_factor, modes),
-                                                  param[i], s0[i], s1[i]);
+                                                  param[i], FO_GET(0, i), FO_GET(1, i));
         const float g = o.g, p = o.p, m = o.m, v = o.v;   /* p: decayed only when decoupled */
-        s0[i] = m;
-        s1[i] = v;
+        FO_PUT(0, i, m);
+        FO_PUT(1, i, v);
         const float denom = sqrtf(v / bc2) + eps;
         const float p1 = p + (coeff_grad * g) / denom;
         param[i] = p1 + (coeff_avg * m) / denom;

@@ -82,10 +82,10 @@ FO_INLINE void radam_body(FO_BODY_ARGS(radam))
     for (size_t i = 0; i < n; i++) {
         const fo_moments_out o = fo_moments_apply(moments, modes & RADAM_L2,
                                                   fo_read_grad(grad, i, grad_factor, modes),
-                                                  param[i], s0[i], s1[i]);
+                                                  param[i], FO_GET(0, i), FO_GET(1, i));
         const float p = o.p, m = o.m, v = o.v;   /* p: decayed only when decoupled */
-        s0[i] = m;
-        s1[i] = v;
+        FO_PUT(0, i, m);
+        FO_PUT(1, i, v);
         const float step = (m / bc1) * lr;
         if (modes & RADAM_RECTIFIED) {
             const float adaptive = (1.0f / (sqrtf(v) + eps)) * bc2_sqrt;

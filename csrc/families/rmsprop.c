@@ -66,21 +66,21 @@ FO_INLINE void rmsprop_body(FO_BODY_ARGS(rmsprop))
         float g = fo_read_grad(grad, i, grad_factor, modes);
         if (modes & RMS_L2)
             g = fmaf(p, weight_decay, g);
-        const float sa = fmaf(one_minus_alpha * g, g, s0[i] * alpha);
-        s0[i] = sa;
+        const float sa = fmaf(one_minus_alpha * g, g, FO_GET(0, i) * alpha);
+        FO_PUT(0, i, sa);
         float avg;
         if (modes & RMS_CENTERED) {
-            const float ga_old = s2[i];
+            const float ga_old = FO_GET(2, i);
             const float ga = fo_lerp_apply(lerp, ga_old, g);
-            s2[i] = ga;
+            FO_PUT(2, i, ga);
             avg = sqrtf(fmaf(-ga, ga, sa));
         } else {
             avg = sqrtf(sa);
         }
         avg = avg + eps;
         if (modes & RMS_MOMENTUM) {
-            const float b = s1[i] * momentum + g / avg;
-            s1[i] = b;
+            const float b = FO_GET(1, i) * momentum + g / avg;
+            FO_PUT(1, i, b);
             param[i] = fmaf(b, neg_lr, p);
         } else {
             param[i] = p + (neg_lr * g) / avg;

@@ -68,8 +68,8 @@ FO_INLINE void sgd_body(FO_BODY_ARGS(sgd))
             g = fmaf(p, weight_decay, g);
         if (modes & (SGD_FIRST | SGD_LATER)) {
             const float b = (modes & SGD_FIRST) ? g
-                            : fmaf(g, one_minus_dampening, s0[i] * momentum);
-            s0[i] = b;
+                            : fmaf(g, one_minus_dampening, FO_GET(0, i) * momentum);
+            FO_PUT(0, i, b);
             g = (modes & SGD_NESTEROV) ? fmaf(b, momentum, g) : b;
         }
         param[i] = fmaf(g, neg_lr, p);
