@@ -180,9 +180,10 @@ FO_INLINE float fo_state_get(const void *restrict s, size_t i, int fmt)
 
 /* bfloat16: (u + inc) >> 16, inc = 0x7fff + the kept lsb (nearest, ties to even) or the high
  * 16 bits of a hash of (key, index) (stochastic); a NaN keeps its high half with the quiet bit
- * set ((u | 0x400000) >> 16).  GCC narrows an arithmetic shift with one signed pack, where a
- * logical one costs a mask more (Adam, bf16 state, in cache: 1.06 -> 0.76 ns an element); the
- * low 16 bits are the same. */
+ * set ((u | 0x400000) >> 16).  Written for GCC's vectorizer: the NaN test as a float compare,
+ * and the high half taken by an arithmetic shift (the same low 16 bits as a logical one), with
+ * which GCC chose a shorter narrowing: on a copy of Adam's loop with bfloat16 state, in cache,
+ * 1.06 -> 0.70 ns an element, against 0.46 for float32 state. */
 FO_INLINE void fo_state_put(void *restrict s, size_t i, float x, int fmt, uint32_t key,
                             uint32_t index)
 {
